@@ -1,0 +1,34 @@
+"""Fast paths for sparse training, each next to a plain-PyTorch reference that is also its CPU fallback.
+
+Every op module exposes its implementations as `IMPLS = {"ref": ..., "triton": ...}` and picks one with
+`select(impls, backend)`: `auto` takes the first fast path that can run here, a backend the user named that
+cannot run raises with the reason (never a silent fallback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def triton_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select(impls: dict[str, Callable[..., Any]], backend: str, can_run: dict[str, Callable[[], bool]]) -> str:
+    """Name of the implementation to use. impls is ordered fastest first and always has 'ref'."""
+    if backend == "auto":
+        return next(name for name in impls if name == "ref" or can_run.get(name, lambda: True)())
+    if backend not in impls:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of: auto, {', '.join(impls)}")
+    if backend != "ref" and not can_run.get(backend, lambda: True)():
+        raise RuntimeError(f"kernel backend {backend!r} cannot run here (needs CUDA and Triton); use 'ref' or 'auto'")
+    return backend

@@ -1,0 +1,90 @@
+"""The seam between the trainer and a sparsity method.
+
+The trainer knows one object, a `Method`, and calls it at fixed points of every step; `Dense` is the null
+object, so train.py has no `if method == ...` branches:
+
+    method = make_method(name, cfg, model_cfg, train_cfg)
+    model = method.attach(model)                 # once, before the optimizer, compile and DDP
+    for step in ...:
+        method.on_step_start(step)               # schedules: target density, phase, kept neurons
+        flops += step_flops(method.flop_profile(step))
+        for micro in ...: forward_backward()     # gradients summed over micro-batches
+        method.after_backward(step)              # e.g. mask gradients, MST topology update from dense grads
+        clip_grad_norm_()
+        if method.before_optimizer_step(step, optimizer):   # e.g. 2:4 masked decay; False skips the step
+            optimizer.step()
+        method.after_optimizer_step(step, optimizer)        # e.g. re-apply masks, refresh 2:4 masks
+        log(core | method.metrics())
+
+`state_dict()` goes into the checkpoint; `load_state_dict()` restores it after `attach` on resume, before the
+first step. All hooks run on every rank; a method that draws random numbers uses its own generator seeded
+identically on every rank (or broadcasts from rank 0), so ranks never disagree on masks or kept sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from model.flops import FlopProfile
+from model.gpt import GPTConfig
+
+
+@dataclass
+class DenseConfig:
+    """Dense training has no knobs."""
+
+
+class Method:
+    """Base class and null object: every hook does nothing. Subclasses override what they need."""
+
+    name: ClassVar[str] = "dense"
+    Config: ClassVar[type] = DenseConfig
+
+    def __init__(self, cfg: Any, model_cfg: GPTConfig, total_steps: int, seed: int = 0):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.total_steps = total_steps  # optimizer steps of the whole run: schedules are fractions of it
+        self.seed = seed
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Prepare the (unwrapped) model: swap modules, register masks. Returns the model to train."""
+        return model
+
+    def on_step_start(self, step: int) -> None:
+        """Called before the micro-batches of optimizer step `step` (0-based)."""
+
+    def flop_profile(self, step: int) -> FlopProfile:
+        """Per-GEMM densities of this step, for the FLOP count (called after on_step_start)."""
+        return FlopProfile()
+
+    def after_backward(self, step: int) -> None:
+        """Gradients of all micro-batches are summed (and all-reduced under DDP) in .grad; not yet clipped."""
+
+    def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
+        """After clipping. Return False to skip the optimizer step (MST's topology-update iterations)."""
+        return True
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """After the optimizer step (or the skipped one)."""
+
+    def eval_mode(self, model: nn.Module) -> nn.Module:
+        """The module to use for validation and sampling (SAT evaluates dense; masks stay applied for MST)."""
+        return model
+
+    def metrics(self) -> dict[str, float]:
+        """Extra numbers for this step's log record, namespaced by the method (`mst/sparsity`, ...)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Dense(Method):
+    pass
