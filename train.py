@@ -15,7 +15,9 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
@@ -30,7 +32,7 @@ from core.log import MetricsLogger, env_summary, format_flops, git_state
 from data.loader import TokenData
 from model.flops import dense_flops_per_token, peak_flops, train_flops_per_token
 from model.gpt import GPT
-from sparsity import REGISTRY, method_class
+from sparsity import REGISTRY, Method, method_class
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -100,25 +102,32 @@ def evaluate(model: torch.nn.Module, data: TokenData, cfg: Config, device: torch
     return all_reduce_mean(losses.mean()).item()
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run (or resume) one training run; returns the last metrics record."""
-    device = pick_device(cfg.train.device)
+@dataclass
+class Run:
+    """Everything one training step touches; built once by `setup` (train.py and bench.py share it)."""
+
+    cfg: Config
+    model: GPT  # the raw module: state_dict, clipping, methods
+    train_model: torch.nn.Module  # what the step calls: compiled and/or DDP-wrapped model
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    data: TokenData
+    autocast: Any
+    device: torch.device
+    dist: DistInfo
+    tokens_per_step: int
+
+
+def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) -> Run:
+    """Build data, model, method, optimizer (restoring ckpt if given), then compile and DDP-wrap."""
+    t = cfg.train
+    device = pick_device(t.device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    out_dir = Path(cfg.train.out_dir)
-    ckpt = None
-    if resume:
-        if not checkpoint.ckpt_path(out_dir).is_file():
-            raise TrainError(f"--resume: no checkpoint in {out_dir}")
-        ckpt = checkpoint.load(out_dir)
-        check_resumable(ckpt, cfg)
-    elif checkpoint.ckpt_path(out_dir).is_file() and not overwrite:
-        raise TrainError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
-
-    t = cfg.train
     torch.manual_seed(t.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    data = TokenData(cfg.data.dir, cfg.model.block_size, t.batch_size, t.seed, dist.rank)
+    data = data or TokenData(cfg.data.dir, cfg.model.block_size, t.batch_size, t.seed, dist.rank)
     model = build_model(cfg)
     if data.vocab_size > cfg.model.vocab_size:
         raise TrainError(f"data vocab {data.vocab_size} > model.vocab_size {cfg.model.vocab_size}")
@@ -134,21 +143,68 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
-
-    start, tokens, flops, flops_dense, elapsed = 0, 0, 0.0, 0.0, 0.0
     if ckpt is not None:
         model.load_state_dict(checkpoint.clean_state_dict(ckpt["model"]))
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"][dist.rank] if dist.rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        start, tokens, flops, flops_dense, elapsed = (ckpt[k] for k in
-                                                       ("step", "tokens", "flops", "flops_dense", "elapsed"))
-        start += 1
+        checkpoint.set_rng_state(ckpt["rng"][0])
 
     train_model = torch.compile(model) if t.compile and device.type == "cuda" else model
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * dist.world_size
+    return Run(cfg, model, train_model, method, optimizer, scaler, data, autocast, device, dist, tokens_per_step)
+
+
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """One optimizer step: (summed micro-batch loss, grad norm, lr, counted training FLOPs). No host sync."""
+    t, method, optimizer, scaler = run.cfg.train, run.method, run.optimizer, run.scaler
+    lr = get_lr(step, run.cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    method.on_step_start(step)
+    step_flops = train_flops_per_token(run.cfg.model, method.flop_profile(step)) * run.tokens_per_step
+
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(t.grad_accum):
+        x, y = run.data.batch("train", step, micro, run.device)
+        last_micro = micro == t.grad_accum - 1
+        sync = run.train_model.no_sync() if run.dist.enabled and not last_micro else nullcontext()
+        with sync:
+            with run.autocast:
+                _, loss = run.train_model(x, y)
+            scaler.scale(loss / t.grad_accum).backward()
+        loss_sum += loss.detach()
+    method.after_backward(step)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+    if method.before_optimizer_step(step, optimizer):
+        scaler.step(optimizer)
+    scaler.update()
+    method.after_optimizer_step(step, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / t.grad_accum, grad_norm, lr, step_flops
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run (or resume) one training run; returns the last metrics record."""
+    out_dir = Path(cfg.train.out_dir)
+    ckpt = None
+    if resume:
+        if not checkpoint.ckpt_path(out_dir).is_file():
+            raise TrainError(f"--resume: no checkpoint in {out_dir}")
+        ckpt = checkpoint.load(out_dir)
+        check_resumable(ckpt, cfg)
+    elif checkpoint.ckpt_path(out_dir).is_file() and not overwrite:
+        raise TrainError(f"{out_dir} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    run = setup(cfg, ckpt)
+    t, model, method, dist, device = cfg.train, run.model, run.method, run.dist, run.device
+    start, tokens, flops, flops_dense, elapsed = 0, 0, 0.0, 0.0, 0.0
+    if ckpt is not None:
+        start, tokens, flops, flops_dense, elapsed = (ckpt[k] for k in ("step", "tokens", "flops", "flops_dense",
+                                                                           "elapsed"))
+        start += 1
 
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,14 +212,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     wandb_cfg = {"project": cfg.log.wandb_project, "name": cfg.log.wandb_run_name} if cfg.log.wandb else None
     logger = MetricsLogger(out_dir, dist.is_main, start - 1 if ckpt else None, wandb_cfg, cfg.to_dict(), console)
 
-    tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * dist.world_size
+    tokens_per_step = run.tokens_per_step
     dense_step_flops = dense_flops_per_token(cfg.model) * tokens_per_step
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if dist.is_main:
-        n_params = model.num_params()
-        console.print(f"[bold]{cfg.method}[/bold] · {n_params / 1e6:.1f}M params · {tokens_per_step:,} tokens/step · "
-                      f"{t.steps} steps · {device} {str(dtype).removeprefix('torch.')} · world {dist.world_size} · "
-                      f"{git_state()}")
+        console.print(f"[bold]{cfg.method}[/bold] · {model.num_params() / 1e6:.1f}M params · {tokens_per_step:,} "
+                      f"tokens/step · {t.steps} steps · {device} · world {dist.world_size} · {git_state()}")
 
     record: dict = {}
     t_log, tokens_log = time.perf_counter(), 0
@@ -172,30 +226,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     bar = progress.add_task(cfg.method, total=t.steps, completed=start)
     progress.start()
     for step in range(start, t.steps):
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        method.on_step_start(step)
-        step_flops = train_flops_per_token(cfg.model, method.flop_profile(step)) * tokens_per_step
-
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(t.grad_accum):
-            x, y = data.batch("train", step, micro, device)
-            sync = train_model.no_sync() if dist.enabled and micro < t.grad_accum - 1 else nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = train_model(x, y)
-                scaler.scale(loss / t.grad_accum).backward()
-            loss_sum += loss.detach()
-        method.after_backward(step)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        if method.before_optimizer_step(step, optimizer):
-            scaler.step(optimizer)
-        scaler.update()
-        method.after_optimizer_step(step, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-
+        loss, grad_norm, lr, step_flops = train_step(run, step)
         tokens += tokens_per_step
         tokens_log += tokens_per_step
         flops += step_flops
@@ -203,20 +234,21 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         last = step == t.steps - 1
         is_eval = step % t.eval_interval == 0 or last
         if step % t.log_interval == 0 or is_eval:
-            train_loss = all_reduce_mean(loss_sum / t.grad_accum).item()  # syncs the device: time is exact below
+            train_loss = all_reduce_mean(loss).item()  # syncs the device: time is exact below
             now = time.perf_counter()
             dt, elapsed = now - t_log, elapsed + now - t_log
             tok_per_s = tokens_log / dt
-            if not math.isfinite(train_loss):
-                raise TrainError(f"loss is {train_loss} at step {step}; stopping (the last good checkpoint stays)")
             record = {"step": step, "tokens": tokens, "train_loss": train_loss, "lr": lr, "flops": flops,
                       "flops_dense": flops_dense, "flops_ratio": flops / flops_dense, "tok_per_s": tok_per_s,
                       "mfu": tok_per_s * dense_step_flops / tokens_per_step / peak if peak else None,
                       "grad_norm": float(grad_norm), "elapsed_s": elapsed}
             if is_eval:
-                record["val_loss"] = evaluate(method.eval_mode(model), data, cfg, device, autocast)
+                record["val_loss"] = evaluate(method.eval_mode(model), run.data, cfg, device, run.autocast)
             record |= method.metrics()
             logger.log(record)
+            bad = [f"{k} is {record[k]}" for k in ("train_loss", "val_loss") if not math.isfinite(record.get(k, 0.0))]
+            if bad:
+                raise TrainError(f"{bad[0]} at step {step}; stopping (the last good checkpoint stays)")
             if dist.is_main:
                 console.print(_line(record, t.steps))
                 progress.update(bar, description=f"{cfg.method} loss {train_loss:.3f} {tok_per_s:,.0f} tok/s")
@@ -224,8 +256,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         ckpt_due = is_eval if t.ckpt_interval == 0 else step % t.ckpt_interval == 0 or last
         if ckpt_due:
             if dist.is_main:
-                save(out_dir, model, optimizer, scaler, method, cfg, data, dist, step, tokens, flops, flops_dense,
-                     elapsed + time.perf_counter() - t_log)
+                save(run, out_dir, step, tokens, flops, flops_dense, elapsed + time.perf_counter() - t_log)
         t_log = time.perf_counter() if step % t.log_interval == 0 or is_eval else t_log
         progress.advance(bar)
     progress.stop()
@@ -234,12 +265,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     return record
 
 
-def save(out_dir, model, optimizer, scaler, method, cfg, data, dist: DistInfo, step, tokens, flops, flops_dense,
-         elapsed) -> None:
+def save(run: Run, out_dir: Path, step: int, tokens: int, flops: float, flops_dense: float, elapsed: float) -> None:
     checkpoint.save_atomic(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-         "method": method.state_dict(), "rng": [checkpoint.rng_state()], "config": cfg.to_dict(),
-         "data_meta": data.meta, "step": step, "tokens": tokens, "flops": flops, "flops_dense": flops_dense,
+        {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+         "method": run.method.state_dict(), "rng": [checkpoint.rng_state()], "config": run.cfg.to_dict(),
+         "data_meta": run.data.meta, "step": step, "tokens": tokens, "flops": flops, "flops_dense": flops_dense,
          "elapsed": elapsed, "env": env_summary()},
         checkpoint.ckpt_path(out_dir),
     )
@@ -296,7 +326,7 @@ def main(
         train(cfg, resume=resume, overwrite=overwrite)
     except (TrainError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2 if not isinstance(e, TrainError) or "loss is" not in str(e) else 1) from None
+        raise typer.Exit(1 if "loss is" in str(e) else 2) from None
 
 
 if __name__ == "__main__":

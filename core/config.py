@@ -84,7 +84,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = "datasets/stdlib"
+    dir: str = "tokens/stdlib-byte"
     """Folder written by `python -m data.prepare` (train.bin, val.bin, meta.json)."""
 
 
@@ -118,56 +118,67 @@ class Config:
         return d
 
 
-def _coerce(raw: str, tp: Any, key: str) -> Any:
-    """Parse a command-line string as the field's type (int, float, bool, str, optional, list/dict as JSON)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if raw.lower() in ("none", "null") and len(args) < len(typing.get_args(tp)):
-            return None
-        tp = args[0]
-        origin = typing.get_origin(tp)
-    try:
-        if tp is bool:
-            if raw.lower() in ("true", "1", "yes", "on"):
-                return True
-            if raw.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if tp is int:
-            return int(raw)
-        if tp is float:
-            return float(raw)
-        if tp is str:
-            return raw
-        if origin in (list, dict, tuple) or tp in (list, dict, tuple):
-            return json.loads(raw)
-    except (ValueError, json.JSONDecodeError):
-        name = getattr(tp, "__name__", str(tp))
-        raise ConfigError(f"{key}: cannot read {raw!r} as {name}") from None
+def _union_args(tp: Any) -> list[Any]:
+    """The member types of a union annotation (without None), or [tp]."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if a is not type(None)]
+    return [tp]
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _coerce_one(raw: str, tp: Any) -> Any:
+    origin = typing.get_origin(tp) or tp
+    if tp is bool:
+        if raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if tp in (int, float):
+        return tp(raw)
+    if tp is str:
+        return raw
+    if origin in (list, dict, tuple):
+        value = json.loads(raw)
+        if not isinstance(value, list | dict):
+            raise ValueError(raw)
+        return value
     return raw
+
+
+def _coerce(raw: str, tp: Any, key: str) -> Any:
+    """Parse a command-line string as the field's type: int, float, bool, str, lists/dicts as JSON, unions in
+    the order written (so `float | str` reads '0.1' as a number and 'auto' as text), 'none' for optionals."""
+    if _optional(tp) and raw.lower() in ("none", "null"):
+        return None
+    for member in _union_args(tp):
+        try:
+            return _coerce_one(raw, member)
+        except (ValueError, json.JSONDecodeError):
+            continue
+    names = " | ".join(getattr(m, "__name__", str(m)) for m in _union_args(tp))
+    raise ConfigError(f"{key}: cannot read {raw!r} as {names}")
 
 
 def _check_value(value: Any, tp: Any, key: str) -> Any:
     """Type-check a TOML value against the field type (ints are accepted for floats)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        origin = typing.get_origin(tp)
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(tp)
-    if ok is None:
-        base = origin or tp
-        ok = isinstance(value, base) if isinstance(base, type) else True
-    if not ok:
-        raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-    return float(value) if tp is float else value
+    if value is None and _optional(tp):
+        return None
+    for member in _union_args(tp):
+        origin = typing.get_origin(member) or member
+        if member is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if member is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if member is bool and isinstance(value, bool):
+            return value
+        if member not in (float, int, bool) and (not isinstance(origin, type) or isinstance(value, origin)):
+            return value
+    names = " | ".join(getattr(m, "__name__", str(m)) for m in _union_args(tp))
+    raise ConfigError(f"{key}: expected {names}, got {value!r}")
 
 
 def _build(cls: type, section: str, values: dict[str, Any]) -> Any:

@@ -1,9 +1,9 @@
 """Tokenize a corpus into uint16 memmaps for training: <out>/train.bin, <out>/val.bin and <out>/meta.json.
 
-    python -m data.prepare stdlib --out datasets/stdlib --tokenizer byte          # built-in, no download
-    python -m data.prepare ../shared/data/pretrain/enwiki_pages --out datasets/enwiki --max-tokens 30000000
-    python -m data.prepare openwebtext --out datasets/owt                          # a Hugging Face dataset id
-    python -m data.prepare wikitext:wikitext-103-raw-v1 --out datasets/wt103       # id:config
+    python -m data.prepare stdlib --out tokens/stdlib --tokenizer byte          # built-in, no download
+    python -m data.prepare ../shared/data/pretrain/enwiki_pages --out tokens/enwiki --max-tokens 30000000
+    python -m data.prepare openwebtext --out tokens/owt                          # a Hugging Face dataset id
+    python -m data.prepare wikitext:wikitext-103-raw-v1 --out tokens/wt103       # id:config
 
 Every source goes through one path: a stream of documents (strings), shuffled with a seed, the first
 `val_fraction` of them held out for validation, each followed by the end-of-text token.

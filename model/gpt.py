@@ -29,13 +29,13 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 
 @dataclass
 class GPTConfig:
-    """Shape of the network. `preset` (if set) fills n_layer/n_head/n_embd from PRESETS."""
+    """Shape of the network. n_layer/n_head/n_embd left at 0 come from `preset` (GPT-2 124M without one)."""
 
     preset: str = ""
-    """A PRESETS name ('gpt2', 'gpt2-medium', ..., 'tiny'); empty = use n_layer/n_head/n_embd as given."""
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    """A PRESETS name ('gpt2', 'gpt2-medium', ..., 'tiny'); fields given explicitly win over it."""
+    n_layer: int = 0
+    n_head: int = 0
+    n_embd: int = 0
     block_size: int = 1024
     """Context length T in tokens."""
     vocab_size: int = 50304
@@ -45,10 +45,10 @@ class GPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.preset:
-            if self.preset not in PRESETS:
-                raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-            self.n_layer, self.n_head, self.n_embd = PRESETS[self.preset]
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        n_layer, n_head, n_embd = PRESETS[self.preset or "gpt2"]
+        self.n_layer, self.n_head, self.n_embd = self.n_layer or n_layer, self.n_head or n_head, self.n_embd or n_embd
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not a multiple of model.n_head={self.n_head}")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):

@@ -1,7 +1,7 @@
 """Checkpoints in and out: OpenAI's GPT-2 from Hugging Face, our own ckpt.pt, and export as a GPT2LMHeadModel.
 
     model = from_pretrained("gpt2")                  # hub id (or its local cache), or a local HF folder
-    model, info = load_model("out/run1")             # <out_dir>/ckpt.pt or a .pt path; info["tokenizer"] etc.
+    model, info = load_model("out/run1")             # our <out_dir>/ckpt.pt or a .pt path, or any of the above
     export_hf(model, "hf/run1", vocab_size=50257)    # for lm-evaluation-harness: `pretrained=hf/run1,tokenizer=gpt2`
 
 Our GPT keeps GPT-2's parameter names, so the mapping is by name; HF stores the four projection matrices as
@@ -11,6 +11,7 @@ Conv1D (in, out) where we use nn.Linear (out, in), hence the transposes (as nano
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -137,20 +138,44 @@ def export_hf(model: GPT, out_dir: str | Path, vocab_size: int | None = None, eo
     return out_dir
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Our checkpoint: `<out_dir>/ckpt.pt` or a .pt path -> (GPT in eval mode on device, info).
+def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """Any model we can score or train from -> (GPT in eval mode on device, info).
 
-    The file is torch.save({"model": GPT state_dict, "config": {"model": GPTConfig kwargs, ...},
+    source: our run, `<out_dir>` (reads ckpt.pt) or a .pt path; or Hugging Face GPT-2 weights: a folder with
+    config.json, or a hub id such as 'gpt2' (through from_pretrained, at the checkpoint's own vocab size).
+    info: path, tokenizer ('gpt2' | 'byte'), vocab_size (the tokenizer's: logits beyond it are padding), eot, step,
+    config. A Hugging Face model's tokenizer is taken to be GPT-2's, or bytes when its vocab is 256 (our export).
+    """
+    path = Path(source)
+    file = path / "ckpt.pt" if path.is_dir() else path
+    if file.is_file():
+        return _load_ours(file, device)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CheckpointError(f"no checkpoint at {file} (nor a Hugging Face config.json in {path})")
+    try:
+        model = from_pretrained(str(source))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}" if path.is_dir() else f"no checkpoint at {file}, and {e}") from e
+    byte = model.config.vocab_size == 256
+    info = {
+        "path": f"hf:{source}",
+        "tokenizer": "byte" if byte else "gpt2",
+        "vocab_size": 256 if byte else GPT2_VOCAB,
+        "eot": 0 if byte else GPT2_VOCAB - 1,
+        "step": None,
+        "config": {"model": asdict(model.config)},
+    }
+    return model.to(device).eval(), info
+
+
+def _load_ours(file: Path, device: str | torch.device) -> tuple[GPT, dict]:
+    """The trainer's file: torch.save({"model": GPT state_dict, "config": {"model": GPTConfig kwargs, ...},
     "data_meta": {"tokenizer", "vocab_size", "eot", ...}, ...optimizer/method state (ignored)}).
-    The GPT is rebuilt as the trainer built it, GPTConfig(**config["model"]) (a non-empty preset re-applies its
-    shape), and the weights load strictly after stripping torch.compile's "_orig_mod." and DDP's "module.".
-    info: path, tokenizer, vocab_size (the tokenizer's: logits beyond it are padding), eot, step, config.
+
+    The GPT is rebuilt as the trainer built it, GPTConfig(**config["model"]), and the weights load strictly after
+    stripping torch.compile's "_orig_mod." and DDP's "module." prefixes.
     Unpickles arbitrary objects (our checkpoints carry RNG states): load only files you trust.
     """
-    path = Path(path)
-    file = path / "ckpt.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(f"no checkpoint at {file}")
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated file, not a torch file, missing pickled class

@@ -13,6 +13,11 @@ from sparsity.base import Dense, Method
 
 REGISTRY: dict[str, str] = {
     "dense": "sparsity.base:Dense",
+    "mst": "sparsity.mst:MST",
+    "rigl": "sparsity.mst:RigL",
+    "static": "sparsity.mst:Static",
+    "2of4": "sparsity.semi24:Semi24",
+    "sat": "sparsity.sat:SAT",
 }
 
 

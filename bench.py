@@ -1,0 +1,201 @@
+"""Time training steps of several methods in one process and report them as ratios against dense.
+
+    python bench.py --config configs/gpt2.toml --methods dense,mst,2of4,sat --steps 30 --warmup 10
+    python bench.py --config configs/gpt2.toml --methods dense --compile        # the 124M figure
+    python bench.py --kernels                                                   # + kernel micro-benchmarks
+
+Each method runs the trainer's own step (train.setup / train.train_step) on random tokens (speed does not depend
+on the data), starting at `--at` of its schedule (so MST/SAT/2:4 are timed in their sparse phase), timed per step
+with CUDA events after warm-up; the median and the 10th/90th percentiles are reported. Writes
+results/bench-<device>-<date>.json and a markdown table beside it. On the CPU it runs the same code with a host
+clock (for CI: no speed claims).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.config import ConfigError, load_config
+from model.flops import dense_flops_per_token, peak_flops, train_flops_per_token
+from train import Run, TrainError, setup, train_step
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+KERNEL_BENCHES = {
+    "semi24": ["-m", "kernels.bench_semi24", "--out"],
+    "sat": ["-m", "kernels.bench_sat", "--out"],
+    "hsa": ["-m", "kernels.bench_hsa", "--out"],
+    "block_sparse": ["-m", "kernels.bench_block_sparse", "--blocks", "64,128", "--out"],
+}
+
+
+class RandomTokens:
+    """The TokenData interface over uniform random tokens: benchmarks need shapes, not text."""
+
+    def __init__(self, vocab_size: int, block_size: int, batch_size: int, seed: int):
+        self.vocab_size, self.block_size, self.batch_size, self.seed = vocab_size, block_size, batch_size, seed
+        self.meta = {"tokenizer": "random", "vocab_size": vocab_size, "eot": 0}
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def batch(self, split: str, step: int, micro: int = 0, device: str | torch.device = "cpu"):
+        key = f"{split}{micro % 2}{device}"  # two fixed batches per split: no host work inside the timed region
+        if key not in self._cache:
+            g = torch.Generator().manual_seed(self.seed + micro)
+            xy = torch.randint(0, self.vocab_size, (self.batch_size, self.block_size + 1), generator=g)
+            xy = xy.to(device)
+            self._cache[key] = (xy[:, :-1], xy[:, 1:])
+        return self._cache[key]
+
+
+def time_method(cfg, steps: int, warmup: int, at: float) -> dict:
+    data = RandomTokens(min(cfg.model.vocab_size, 50257), cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
+    run: Run = setup(cfg, data=data)
+    cuda = run.device.type == "cuda"
+    start = int(at * cfg.train.steps)
+    if start + warmup + steps > cfg.train.steps:
+        raise TrainError(f"--at {at} leaves fewer than warmup+steps={warmup + steps} of train.steps={cfg.train.steps}")
+    times, flops = [], []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for i, step in enumerate(range(start, start + warmup + steps)):
+        if cuda:
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+        else:
+            h0 = time.perf_counter()
+        _, _, _, step_flops = train_step(run, step)
+        if cuda:
+            t1.record()
+            t1.synchronize()
+            ms = t0.elapsed_time(t1)
+        else:
+            ms = 1e3 * (time.perf_counter() - h0)
+        if i >= warmup:
+            times.append(ms)
+            flops.append(step_flops)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    med = statistics.median(times)
+    tok_per_s = run.tokens_per_step / (med / 1e3)
+    dense_tok = dense_flops_per_token(cfg.model)
+    device_name = torch.cuda.get_device_name(run.device) if cuda else "cpu"
+    peak = peak_flops(device_name)
+    result = {
+        "method": cfg.method,
+        "device": device_name,
+        "torch": torch.__version__,
+        "tokens_per_step": run.tokens_per_step,
+        "ms_per_step": med,
+        "ms_p10": q[0],
+        "ms_p90": q[-1],
+        "tok_per_s": tok_per_s,
+        "mfu": tok_per_s * dense_tok / peak if peak else None,  # dense-equivalent: same yardstick for every method
+        "flops_per_token": statistics.mean(flops) / run.tokens_per_step,
+        "flops_ratio": statistics.mean(flops) / run.tokens_per_step / dense_tok,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
+        "timed_steps": [start + warmup, start + warmup + steps],
+    }
+    del run
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def run_kernel_benches(names: list[str], out_dir: Path, stamp: str) -> dict:
+    results = {}
+    for name in names:
+        path = out_dir / f"kernels-{name}-{stamp}.json"
+        cmd = [sys.executable, *KERNEL_BENCHES[name], str(path)]
+        console.print(f"[bold]kernel bench[/bold] {shlex.join(cmd)}")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-2000:])
+        results[name] = json.loads(path.read_text()) if path.is_file() else {"error": proc.stderr[-2000:]}
+    return results
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [f"`{command}`", "", "| method | ms/step (p10–p90) | tok/s | speedup | dense-eq. MFU | FLOPs/token "
+             "(ratio) | peak mem GB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "–"
+        mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else "–"
+        lines.append(f"| {r['method']} | {r['ms_per_step']:.1f} ({r['ms_p10']:.1f}–{r['ms_p90']:.1f}) | "
+                     f"{r['tok_per_s']:,.0f} | {r['speedup']:.2f}x | {mfu} | {r['flops_per_token'] / 1e6:.0f}M "
+                     f"({r['flops_ratio']:.2f}) | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def main(
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML config (as for train.py)"),
+    methods: str = typer.Option("dense", help="comma-separated methods; dense is always timed first"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="section.key=value overrides for every method"),
+    steps: int = typer.Option(20, help="timed steps per method"),
+    warmup: int = typer.Option(5, help="untimed steps first (compilation, autotuning, caches)"),
+    at: float = typer.Option(0.3, help="start at this fraction of train.steps (inside the methods' sparse phases)"),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="override train.compile"),
+    kernels: str = typer.Option("", help=f"also run kernel benchmarks: all or a subset of {','.join(KERNEL_BENCHES)}"),
+    out: Path = typer.Option(Path("results"), help="folder for bench-<device>-<date>.json/.md"),
+    tag: str = typer.Option("", help="suffix for the output file names"),
+) -> None:
+    """Benchmark training steps of each method against dense (tok/s, ms/step, MFU, FLOPs, memory)."""
+    names = ["dense"] + [m for m in methods.split(",") if m and m != "dense"]
+    extra = list(set_) + ([f"train.compile={str(compile).lower()}"] if compile is not None else [])
+    try:
+        cfgs = [load_config(config, m, extra) for m in names]
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    command = shlex.join(["python", "bench.py", *sys.argv[1:]])
+    rows = []
+    for cfg in cfgs:
+        console.print(f"[bold]{cfg.method}[/bold]: {warmup} warm-up + {steps} timed steps")
+        try:
+            rows.append(time_method(cfg, steps, warmup, at))
+        except (TrainError, RuntimeError, ValueError) as e:  # one broken method must not lose the others
+            console.print(f"[red]{cfg.method} failed:[/red] {type(e).__name__}: {e}")
+            rows.append({"method": cfg.method, "error": f"{type(e).__name__}: {e}"})
+    ok = [r for r in rows if "error" not in r]
+    dense = next((r for r in ok if r["method"] == "dense"), None)
+    for r in ok:
+        r["speedup"] = r["tok_per_s"] / dense["tok_per_s"] if dense else None
+        r["config"] = str(config) if config else None
+        r["command"] = command
+    device = (ok[0]["device"] if ok else "unknown").replace(" ", "_")
+    stamp = datetime.date.today().isoformat() + (f"-{tag}" if tag else "")
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "config": str(config) if config else None, "overrides": extra,
+               "torch": torch.__version__, "cuda": torch.version.cuda, "device": device, "rows": rows}
+    if kernels:
+        payload["kernels"] = run_kernel_benches(list(KERNEL_BENCHES) if kernels == "all" else kernels.split(","),
+                                                out, stamp)
+    json_path = out / f"bench-{device}-{stamp}.json"
+    json_path.write_text(json.dumps(payload, indent=2))
+    if dense:
+        (out / f"bench-{device}-{stamp}.md").write_text(markdown(ok, command))
+    table = Table("method", "ms/step", "tok/s", "speedup", "MFU", "FLOPs ratio", "peak GB")
+    for r in ok:
+        table.add_row(r["method"], f"{r['ms_per_step']:.1f}", f"{r['tok_per_s']:,.0f}",
+                      f"{r['speedup']:.2f}x" if r["speedup"] else "–", f"{100 * r['mfu']:.1f}%" if r["mfu"] else "–",
+                      f"{r['flops_ratio']:.3f}", f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] else "–")
+    Console().print(table)
+    console.print(f"wrote {json_path}")
+    if len(ok) < len(rows):
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

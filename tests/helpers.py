@@ -1,0 +1,51 @@
+"""Shared test utilities: a tiny prepared dataset and a tiny config, built in tmp folders."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from core.config import Config, load_config
+from data.prepare import prepare
+
+WORDS = "the a of sparse dense model train token gradient mask weight layer attention neuron step loss".split()
+
+
+def make_corpus(root: Path, n_docs: int = 60, seed: int = 0) -> Path:
+    """A folder of small text documents with some structure to learn."""
+    rng = random.Random(seed)
+    src = root / "corpus"
+    src.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(80, 200))]
+        (src / f"doc{i:03d}.txt").write_text(" ".join(words) + ".\n")
+    return src
+
+
+def make_dataset(root: Path, tokenizer: str = "byte") -> Path:
+    out = root / "data"
+    if not (out / "meta.json").is_file():
+        prepare(str(make_corpus(root)), out, tokenizer=tokenizer, val_fraction=0.1, seed=1)
+    return out
+
+
+def tiny_config(root: Path, method: str = "dense", overrides: list[str] | None = None) -> Config:
+    data = make_dataset(root)
+    base = [
+        "model.preset=tiny", "model.block_size=32", "model.vocab_size=256",
+        f"data.dir={data}", f"train.out_dir={root / 'run'}", "train.steps=6", "train.batch_size=4",
+        "train.grad_accum=2", "train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_steps=2", "train.eval_interval=3",
+        "train.eval_steps=2", "train.log_interval=1", "train.device=cpu",
+    ]
+    return load_config(None, method, base + (overrides or []))
+
+
+def config_args(cfg: Config) -> list[str]:
+    """The same config as --set arguments for a subprocess."""
+    args = ["--method", cfg.method]
+    for section in ("model", "train", "data"):
+        for key, value in cfg.to_dict()[section].items():
+            if value in ("", None):
+                continue
+            args += ["--set", f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    return args

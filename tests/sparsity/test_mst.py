@@ -1,0 +1,555 @@
+"""MST, RigL and static sparse training (sparsity/mst.py) and the FLOP matcher (tools/flop_match.py); mst.md §9."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from model import gpt as gpt_module
+from model.flops import FlopProfile, LinearCost, dense_flops_per_token, train_flops_per_token
+from model.gpt import GPT, GPTConfig
+from sparsity.mst import (
+    MST,
+    DSTSchedule,
+    MSTConfig,
+    RigL,
+    RigLConfig,
+    Static,
+    StaticConfig,
+    er_densities,
+    growth_counts,
+    layer_counts,
+    mixed_growing,
+    plan_profile,
+    sparse_shapes,
+)
+from tools.flop_match import load_config, match_dense, method_total_flops, mst_total_flops, run_total_flops
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY = GPTConfig(preset="tiny", vocab_size=128, block_size=16)
+GPT2 = GPTConfig(preset="gpt2")
+NO_HSA = dict(hsa_end=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: intra-op threads only contend (2 shared cores), slowing these tests by 10x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batch(step: int, micro: int, cfg: GPTConfig = TINY) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    return torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=g)
+
+
+def build(method_cls, cfg, total: int, seed: int = 0, model_cfg: GPTConfig = TINY):
+    torch.manual_seed(0)
+    model = GPT(model_cfg)
+    method = method_cls(cfg, model_cfg, total, seed)
+    model = method.attach(model)
+    opt = model.configure_optimizer(weight_decay=0.1, lr=1e-2, betas=(0.9, 0.95), device_type="cpu")
+    return model, method, opt
+
+
+def train(model, method, opt, start: int, stop: int, clip: float = 1.0, check=None, accum: int = 1):
+    """The trainer's hook order (HELPERS.md), on CPU in fp32."""
+    for step in range(start, stop):
+        method.on_step_start(step)
+        method.flop_profile(step)
+        if check:
+            check("step_start", step)
+        for micro in range(accum):
+            x = batch(step, micro)
+            _, loss = model(x, x)
+            (loss / accum).backward()
+        method.after_backward(step)
+        if check:
+            check("after_backward", step)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        stepped = method.before_optimizer_step(step, opt)
+        if stepped:
+            opt.step()
+        method.after_optimizer_step(step, opt)
+        if check:
+            check("after_optimizer_step", step, stepped)
+        opt.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# §9.1 ER allocation
+
+
+def _sparsities(shapes, s):
+    return {k: 1 - d for k, d in er_densities(shapes, s).items()}
+
+
+def test_er_gpt2_small_with_lm_head():
+    shapes = sparse_shapes(GPT2, MSTConfig())
+    expected = {0.9: (0.8919, 0.8379, 0.8987, 0.8987, 0.9177), 0.5: (0.4597, 0.1896, 0.4935, 0.4935, 0.5886)}
+    layers = (
+        "transformer.h.5.attn.c_attn",
+        "transformer.h.5.attn.c_proj",
+        "transformer.h.5.mlp.c_fc",
+        "transformer.h.5.mlp.c_proj",
+        "lm_head",
+    )
+    for s, values in expected.items():
+        got = _sparsities(shapes, s)
+        assert [round(got[k], 4) for k in layers] == list(values)
+        n = {k: o * i for k, (o, i) in shapes.items()}
+        assert sum(got[k] * n[k] for k in n) / sum(n.values()) == pytest.approx(s, abs=1e-9)
+    assert set(_sparsities(shapes, 0.0).values()) == {0.0}
+
+
+def test_er_gpt2_small_without_lm_head():
+    shapes = sparse_shapes(GPT2, MSTConfig(include_lm_head=False))
+    assert "lm_head" not in shapes
+    got = _sparsities(shapes, 0.9)
+    layers = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert [round(got[f"transformer.h.0.{k}"], 5) for k in layers] == [0.9, 0.85, 0.90625, 0.90625]
+
+
+def test_er_resolves_epsilon_when_a_layer_saturates():
+    shapes = {"thin": (4, 4), "wide": (1000, 1000)}
+    dens = er_densities(shapes, 0.5)
+    assert dens["thin"] == 1.0  # ε·raw would exceed 1: dense, and ε re-solved for the rest
+    assert (16 + dens["wide"] * 1e6) / (16 + 1e6) == pytest.approx(0.5)
+    counts = layer_counts(shapes, {"thin": 16, "wide": 10**6}, 0.999999, "er")
+    assert min(counts.values()) >= 1  # per-layer sparsity clamped below 1 (§8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# §2 schedule, §3 drop fraction, §9.6 update steps
+
+
+def test_schedule_values_at_phase_boundaries():
+    cfg = MSTConfig(sparsity=0.9, warmup_frac=0.1, restore_frac=0.2, **NO_HSA)
+    s = DSTSchedule(cfg, 1000)
+    assert s.stair == 10  # scale-aware: 1000 steps // 100 stairs
+    assert s.sparsity(0) == 0.0
+    assert s.sparsity(50) == pytest.approx(0.9 * (1 - 0.5**3))  # cubic ramp at mid warm-up
+    assert s.sparsity(100) == s.sparsity(500) == s.sparsity(800) == 0.9
+    assert s.sparsity(900) == pytest.approx(0.9 * (1 - 0.5**3))  # restoration mirrors the warm-up
+    assert s.sparsity(1000) == 0.0
+    assert [s.phase(t) for t in (0, 99, 100, 799, 800, 999)] == [0, 0, 1, 1, 2, 2]
+    assert s.target(0) == s.target(9) == 0.0 and s.target(57) == s.sparsity(50)  # staircase
+    lin = DSTSchedule(MSTConfig(ramp="linear", warmup_frac=0.1, restore_frac=0.1, **NO_HSA), 1000)
+    assert lin.sparsity(50) == pytest.approx(0.45) and lin.sparsity(950) == pytest.approx(0.45)
+    assert DSTSchedule(MSTConfig(), 600_000).stair == 1000  # [C] at full length
+    rigl = DSTSchedule(RigLConfig(), 1000)
+    assert {rigl.target(t) for t in range(1000)} == {0.8} and {rigl.phase(t) for t in range(1000)} == {1}
+
+
+def test_zeta_stepwise_phase_start_mid_end():
+    cfg = MSTConfig(zeta=0.3, zeta_schedule="stepwise", warmup_frac=0.1, restore_frac=0.2, **NO_HSA)
+    s = DSTSchedule(cfg, 1000)
+    for start, end in ((0, 100), (100, 800), (800, 1000)):
+        assert s.zeta(start) == pytest.approx(0.3)
+        assert s.zeta((start + end) / 2) == pytest.approx(0.15)
+        assert s.zeta(end - 1e-6) == pytest.approx(0.0, abs=1e-9)
+    cos = DSTSchedule(RigLConfig(zeta=0.3), 1000)
+    assert (cos.zeta(0), cos.zeta(500)) == (pytest.approx(0.3), pytest.approx(0.15))
+
+
+def test_update_steps():
+    s = DSTSchedule(RigLConfig(delta_t=100), 450)
+    assert [t for t in range(450) if s.is_update(t)] == [100, 200, 300, 400]
+    s = DSTSchedule(RigLConfig(delta_t=100), 400)
+    assert [t for t in range(400) if s.is_update(t)] == [100, 200, 300]
+    assert not any(DSTSchedule(StaticConfig(), 400).is_update(t) for t in range(400))
+
+
+def test_config_validation_names_the_knob():
+    with pytest.raises(ValueError, match=r"mst\.sparsity must be in \[0, 1\)"):
+        MSTConfig(sparsity=1.0)
+    with pytest.raises(ValueError, match=r"static\.delta_t must be > 0"):
+        StaticConfig(warmup_frac=0.1)
+    with pytest.raises(ValueError, match=r"rigl\.granularity must be one of"):
+        RigLConfig(granularity="row")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# §9.4 counts, §9.5 Mixed-Growing rules
+
+
+def test_growth_counts_integer_delta():
+    assert growth_counts(1000, 1000, 0.3, 0.25) == (300, 300, 225, 75)  # S*=0.9 of N=10,000
+    assert growth_counts(1000, 500, 0.3, 0.25)[:2] == (500, 0)  # S*=0.95: prune only
+    assert growth_counts(1000, 500, 0.6, 0.25)[:2] == (600, 100)
+    assert growth_counts(1000, 2000, 0.3, 0.25)[:2] == (300, 1300)  # S*=0.8: n_on becomes 2,000
+    n = 10_000
+    assert [round((1 - s) * n) for s in (0.9, 0.95, 0.8)] == [1000, 500, 2000]  # the code's int() gives 499, -999
+
+
+def _layer(n=400, n_on=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=g)[:n_on]] = True
+    w = torch.randn(n, generator=g) * mask
+    grad = torch.randn(n, generator=g)
+    return mask, w, grad
+
+
+@pytest.mark.parametrize("n_target", [100, 60, 150])
+def test_mixed_growing_rules(n_target):
+    mask, w, grad = _layer()
+    gen = torch.Generator().manual_seed(1)
+    new, (n_prune, n_grow, n_grad, n_rand) = mixed_growing(mask, w.abs(), grad.abs(), n_target, 0.3, 0.25, gen)
+    assert int(new.sum()) == n_target == 100 - n_prune + n_grow
+    if n_target == 100:
+        assert n_prune == n_grow == 30  # constant target: prune = grow
+    assert (n_grad, n_rand) == (math.floor(n_grow * 0.75), n_grow - math.floor(n_grow * 0.75))
+    # Keep set: the top (n_on - n_prune) active entries by |W|.
+    active = mask.nonzero().flatten().tolist()
+    keep = set(sorted(active, key=lambda i: -abs(w[i].item()))[: 100 - n_prune])
+    assert keep <= set(new.nonzero().flatten().tolist())
+    grown = set(new.nonzero().flatten().tolist()) - keep
+    assert len(grown) == n_grow and not grown & keep
+    # Gradient share: the top-n_grad |G| among the candidates (complement of K) are all grown.
+    cands = [i for i in range(400) if i not in keep]
+    top_grad = set(sorted(cands, key=lambda i: -abs(grad[i].item()))[:n_grad])
+    assert top_grad <= grown
+
+
+def test_r0_grows_only_top_gradient_entries():
+    mask, w, grad = _layer(n=300, n_on=80, seed=3)
+    new, (n_prune, n_grow, _, n_rand) = mixed_growing(mask, w.abs(), grad.abs(), 80, 0.5, 0.0, torch.Generator())
+    assert n_rand == 0 and n_grow == 40
+    keep = torch.where(mask, w.abs(), torch.tensor(-1.0)).argsort(descending=True)[: 80 - n_prune]
+    cand_scores = grad.abs().clone()
+    cand_scores[keep] = -1.0
+    expected = set(keep.tolist()) | set(cand_scores.argsort(descending=True)[:n_grow].tolist())
+    assert set(new.nonzero().flatten().tolist()) == expected
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The method through the trainer's hooks
+
+
+def _invariant_checker(method, counts_at, log):
+    def check(where, step, stepped=None):
+        if where == "step_start":
+            return
+        for name, w, m in zip(method.modules, method.weights, method.masks, strict=True):
+            off = m == 0
+            if where == "after_backward" and not method.schedule.is_update(step):
+                assert (w.grad[off] == 0).all(), f"{name}: masked grad not zero at step {step}"
+            if where == "after_optimizer_step":
+                assert (w.detach()[off] == 0).all(), f"{name}: masked weight not zero after step {step}"
+        if where == "after_optimizer_step":
+            assert stepped == (not method.schedule.is_update(step))
+            if method.schedule.is_update(step):
+                assert method.n_on == counts_at(step)
+            log.append(method.metrics())
+
+    return check
+
+
+def test_mst_run_invariants_targets_and_skipped_steps():
+    cfg = MSTConfig(delta_t=3, warmup_frac=0.3, restore_frac=0.3, **NO_HSA)
+    model, method, opt = build(MST, cfg, 30)
+    counts_at = lambda step: method._counts(method.schedule.target(step))
+    log: list[dict[str, float]] = []
+    snap: dict[str, dict[str, torch.Tensor]] = {}
+
+    def check(where, step, stepped=None):
+        if where == "step_start":
+            snap["mask"] = {k: m.clone() for k, m in method.unit_masks.items()}
+            snap["w"] = {k: w.detach().clone() for k, w in zip(method.modules, method.weights, strict=True)}
+            return
+        inner(where, step, stepped)
+        if where == "after_optimizer_step" and method.schedule.is_update(step):
+            for name, w in zip(method.modules, method.weights, strict=True):
+                old, new = snap["mask"][name].view_as(w), method.unit_masks[name].view_as(w)
+                # Skipped step: weights only lose pruned entries; new entries are exactly 0, regrown keep value.
+                assert torch.equal(w.detach(), snap["w"][name] * (old & new))
+
+    inner = _invariant_checker(method, counts_at, log)
+    train(model, method, opt, 0, 30, clip=0.05, check=check)
+    updates = [m for m in log if "mst/flip_rate" in m]
+    assert len(updates) == 9  # steps 3, 6, ..., 27
+    for m in updates:
+        assert m["mst/grown_grad"] + m["mst/grown_random"] == m["mst/grown"]
+        assert abs(m["mst/grown_random"] - 0.25 * m["mst/grown"]) <= len(method.modules)
+    held = [b for a, b in zip(updates, updates[1:]) if a["mst/sparsity"] == b["mst/sparsity"]]
+    assert held and all(m["mst/pruned"] == m["mst/grown"] > 0 for m in held)  # unchanged target: prune = grow
+    assert {m["mst/phase"] for m in log} == {0.0, 1.0, 2.0}
+    assert max(m["mst/sparsity"] for m in log) == pytest.approx(0.9, abs=1e-3)
+    per_layer = [k for k in log[-1] if k.startswith("mst/sparsity/")]
+    assert "mst/sparsity/h.0.attn.c_attn" in per_layer and "mst/sparsity/lm_head" in per_layer
+
+
+def test_rigl_and_static_keep_density():
+    for cls, cfg in ((RigL, RigLConfig(delta_t=3)), (Static, StaticConfig())):
+        model, method, opt = build(cls, cfg, 10)
+        start = {k: m.clone() for k, m in method.unit_masks.items()}
+        target = method._counts(cfg.sparsity)
+        log: list[dict[str, float]] = []
+        train(model, method, opt, 0, 10, check=_invariant_checker(method, lambda s, t=target: t, log))
+        assert method.n_on == target
+        changed = any(not torch.equal(start[k], method.unit_masks[k]) for k in start)
+        assert changed == (cls is RigL)
+        assert all(m[f"{cls.name}/grown_random"] == 0 for m in log if f"{cls.name}/grown" in m)
+
+
+def test_masks_are_not_model_state_and_wte_tie_survives():
+    model, method, _ = build(RigL, RigLConfig(), 10)
+    assert set(model.state_dict()) == set(GPT(TINY).state_dict())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert (model.transformer.wte.weight[method.masks[-1] == 0] == 0).all()  # the tied embedding is sparse too
+    assert method.masks[0].dtype == model.lm_head.weight.dtype
+
+
+def test_zero_grown_moments():
+    cfg = RigLConfig(delta_t=3, zero_grown_moments=True)
+    model, method, opt = build(RigL, cfg, 4)
+    train(model, method, opt, 0, 3)
+    old = {k: m.clone() for k, m in method.unit_masks.items()}
+    train(model, method, opt, 3, 4)
+    for name, w in zip(method.modules, method.weights, strict=True):
+        grown = (method.unit_masks[name] & ~old[name]).view_as(w)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (opt.state[w][key][grown] == 0).all()
+
+
+def test_resume_is_bit_identical():
+    cfg = MSTConfig(delta_t=3, warmup_frac=0.3, restore_frac=0.3, **NO_HSA)
+    model, method, opt = build(MST, cfg, 20, seed=5)
+    train(model, method, opt, 0, 10)
+    ckpt = {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "opt": opt.state_dict(),
+        "method": method.state_dict(),
+    }
+    ckpt = torch.load(_roundtrip(ckpt), weights_only=False)
+    train(model, method, opt, 10, 20)
+
+    model2, method2, opt2 = build(MST, cfg, 20, seed=5)
+    model2.load_state_dict(ckpt["model"])
+    method2.load_state_dict(ckpt["method"])
+    opt2.load_state_dict(ckpt["opt"])
+    train(model2, method2, opt2, 10, 20)
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert all(torch.equal(method.unit_masks[k], method2.unit_masks[k]) for k in method.unit_masks)
+    assert torch.equal(method.generator.get_state(), method2.generator.get_state())
+
+
+def _roundtrip(obj) -> str:
+    path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+    torch.save(obj, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# §7 FLOP accounting
+
+
+def test_flop_average_over_delta_t():
+    # d = 0.1 exactly: every layer of this shape has a multiple of 10 entries.
+    mc = GPTConfig(n_layer=1, n_head=1, n_embd=80, vocab_size=160, block_size=16)
+    cfg = RigLConfig(sparsity=0.9, distribution="uniform", delta_t=100)
+    profiles = [plan_profile(mc, cfg, 1000, t) for t in range(101, 201)]
+    for name in profiles[0].linear:
+        assert sum(p.linear[name].total for p in profiles) / 100 == pytest.approx(0.309)  # units of F (fwd GEMM)
+    assert dense_flops_per_token(GPT2) == pytest.approx(854.8e6, rel=1e-3)  # nanoGPT's 6N counts LayerNorms too
+
+
+def test_hand_computed_step_total():
+    # tiny GPT, d=64, L=2, V=128, T=16, uniform 50%: Σ in·out = 2·(64·192 + 64·64 + 64·256 + 256·64) + 64·128 = 106,496
+    cfg = RigLConfig(sparsity=0.5, distribution="uniform", delta_t=5)
+    model, method, _ = build(RigL, cfg, 20)
+    tokens = 2 * 2 * 16  # batch 2 x accum 2 x T
+    # normal step: 2·106,496·(3·0.5) + attention 12·T·d·L = 319,488 + 24,576 per token
+    assert train_flops_per_token(TINY, method.flop_profile(4)) * tokens == 344_064 * 64
+    # update step: 2·106,496·(0.5 + 0.5 + 1) + 24,576 = 450,560 per token
+    assert train_flops_per_token(TINY, method.flop_profile(5)) * tokens == 450_560 * 64
+
+
+def test_method_profile_matches_plan():
+    cfg = MSTConfig(delta_t=3, warmup_frac=0.3, restore_frac=0.3, **NO_HSA)
+    model, method, opt = build(MST, cfg, 20)
+
+    def check(where, step, stepped=None):
+        if where == "step_start":  # where the trainer asks: before this step's topology update
+            assert method.flop_profile(step) == plan_profile(TINY, cfg, 20, step)
+
+    train(model, method, opt, 0, 20, check=check)
+
+
+def test_default_mst_costs_at_most_a_quarter_of_dense():
+    steps, tokens = 600_000, 12 * 40 * 1024
+    ratio = method_total_flops(GPT2, MSTConfig(), steps, tokens) / (dense_flops_per_token(GPT2) * steps * tokens)
+    assert 0.15 < ratio <= 0.25
+    run = load_config(CONFIGS / "mst-gpt2.toml")
+    assert (run.method, run.model.n_embd, run.steps, run.tokens_per_step) == ("mst", 768, steps, tokens)
+    assert mst_total_flops(run) == method_total_flops(GPT2, run.method_cfg, steps, tokens)
+
+
+def test_tiny_config_matches_mst_flops():
+    mst, tiny = load_config(CONFIGS / "mst-gpt2.toml"), load_config(CONFIGS / "tiny-gpt2.toml")
+    assert tiny.method == "dense" and tiny.tokens_per_step == mst.tokens_per_step and tiny.steps == mst.steps
+    assert tiny.model.n_embd % 64 == 0 and tiny.model.n_head == tiny.model.n_embd // 64
+    assert run_total_flops(tiny) == pytest.approx(mst_total_flops(mst), rel=0.02)
+    target = mst_total_flops(mst) / (mst.steps * mst.tokens_per_step)
+    assert dataclasses.astuple(match_dense(mst.model, target)) == dataclasses.astuple(tiny.model)
+
+
+def test_baseline_configs_load():
+    for name, cls in (("rigl", RigLConfig), ("static", StaticConfig)):
+        run = load_config(CONFIGS / f"{name}-gpt2.toml", ["train.steps=1000"])
+        assert run.method == name and isinstance(run.method_cfg, cls) and run.steps == 1000
+        assert run.method_cfg.sparsity == 0.8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hybrid Sparse Attention wiring (the mask and kernel are tested in tests/kernels)
+
+
+def test_hsa_window_switches_attention_and_flops():
+    hsa = pytest.importorskip("kernels.hsa_attention")
+    cfg = MSTConfig(delta_t=5, hsa_start=0.0, hsa_end=0.5, hsa_stride=4)
+    model, method, opt = build(MST, cfg, 10)
+    density = hsa.hsa_density(16, 4, "sparse")
+    assert density == pytest.approx(82 / 136)  # rows keep min(i+1, 4) + floor(i/4) of the 136 causal pairs
+    for step in range(10):
+        train(model, method, opt, step, step + 1)
+        on = step < 5
+        attends = {b.attn.attend is gpt_module.causal_attention for b in model.transformer.h}
+        assert attends == {not on}
+        assert method.metrics()["mst/attn_density"] == (density if on else 1.0)
+        assert method.flop_profile(step).attn == (density if on else 1.0)
+    # hand-computed: attention 24,576 FLOPs/token dense, scaled by the mask density
+    prof = FlopProfile(linear={k: LinearCost(1.0, 1.0, 1.0) for k in method.modules}, attn=density)
+    assert train_flops_per_token(TINY, prof) == pytest.approx(2 * 106_496 * 3 + 24_576 * 82 / 136)
+
+
+def test_hsa_state_survives_resume():
+    pytest.importorskip("kernels.hsa_attention")
+    cfg = MSTConfig(delta_t=5, hsa_end=0.5, hsa_stride=4)
+    model, method, opt = build(MST, cfg, 10)
+    train(model, method, opt, 0, 2)
+    state = method.state_dict()
+    model2, method2, _ = build(MST, cfg, 10)
+    method2.load_state_dict(state)
+    assert all(b.attn.attend is not gpt_module.causal_attention for b in model2.transformer.h)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Block granularity (issue 8)
+
+
+def test_block_granularity():
+    pytest.importorskip("kernels.block_sparse")
+    from kernels.block_sparse import BlockSparseLinear
+
+    mc = GPTConfig(n_layer=1, n_head=2, n_embd=64, vocab_size=128, block_size=16)
+    cfg = RigLConfig(granularity="block", block_size=32, sparsity=0.5, delta_t=2)
+    torch.manual_seed(0)
+    model = GPT(mc)
+    method = RigL(cfg, mc, 6, 0)
+    model = method.attach(model)
+    assert all(isinstance(m, BlockSparseLinear) for m in method.modules.values())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
+    for step in range(6):
+        method.on_step_start(step)
+        assert all(m.dense_wgrad == (step in (2, 4)) for m in method.modules.values())
+        x = batch(step, 0, mc)
+        model(x, x)[1].backward()
+        method.after_backward(step)
+        if method.before_optimizer_step(step, opt):
+            opt.step()
+        method.after_optimizer_step(step, opt)
+        opt.zero_grad(set_to_none=True)
+        for name, module in method.modules.items():
+            o, i = method.shapes[name]
+            assert torch.equal(module.block_mask, method.unit_masks[name].view(o // 32, i // 32).cpu())
+            tiles = module.weight.detach().view(o // 32, 32, i // 32, 32).abs().sum((1, 3))
+            assert (tiles[~module.block_mask] == 0).all()
+    assert method.n_on == method._counts(0.5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# §9.8 DDP: identical masks on every rank
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = GPT(TINY)
+        # Different seeds on purpose: the broadcast from rank 0 must still make the masks agree.
+        method = MST(MSTConfig(delta_t=2, warmup_frac=0.3, restore_frac=0.3, **NO_HSA), TINY, 8, seed=rank)
+        method.attach(model)
+        opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
+        hashes = []
+        for step in range(8):
+            method.on_step_start(step)
+            x = batch(step, rank)
+            model(x, x)[1].backward()
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+            method.after_backward(step)
+            if method.before_optimizer_step(step, opt):
+                opt.step()
+            method.after_optimizer_step(step, opt)
+            opt.zero_grad(set_to_none=True)
+            hashes.append(torch.cat([m.flatten() for m in method.unit_masks.values()]).clone())
+        torch.save(hashes, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ddp_ranks_hold_identical_masks():
+    tmp = tempfile.mkdtemp()
+    mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+    a, b = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], a[-1])  # the masks did change
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU: masks in the weights' dtype/device, bf16 autocast, HSA kernel in the loop
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_run_keeps_invariants():
+    pytest.importorskip("kernels.hsa_attention")
+    mc = GPTConfig(preset="tiny", vocab_size=128, block_size=64)
+    model = GPT(mc).cuda()
+    cfg = MSTConfig(delta_t=2, warmup_frac=0.3, restore_frac=0.3, hsa_end=0.5, hsa_stride=16)
+    method = MST(cfg, mc, 10, 0)
+    model = method.attach(model)
+    assert all(m.device.type == "cuda" and m.dtype == w.dtype for m, w in zip(method.masks, method.weights))
+    opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cuda")
+    for step in range(10):
+        method.on_step_start(step)
+        x = batch(step, 0, mc).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, x)[1]
+        loss.backward()
+        method.after_backward(step)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if method.before_optimizer_step(step, opt):
+            opt.step()
+        method.after_optimizer_step(step, opt)
+        opt.zero_grad(set_to_none=True)
+        for w, m in zip(method.weights, method.masks, strict=True):
+            assert (w.detach()[m == 0] == 0).all()
+        if method.schedule.is_update(step):
+            assert method.n_on == method._counts(method.schedule.target(step))
