@@ -6,7 +6,8 @@
 
 Each method runs the trainer's own step (train.setup / train.train_step) on random tokens (speed does not depend
 on the data), starting at `--at` of its schedule (so MST/SAT/2:4 are timed in their sparse phase), timed per step
-with CUDA events after warm-up; the median and the 10th/90th percentiles are reported. Writes
+with CUDA events after warm-up, in back-to-back blocks of steps (no sync inside a block, as in training); the
+median over blocks and the 10th/90th percentiles are reported. Writes
 results/bench-<device>-<date>.json and a markdown table beside it. On the CPU it runs the same code with a host
 clock (for CI: no speed claims).
 """
@@ -28,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.config import ConfigError, load_config
-from model.flops import dense_flops_per_token, peak_flops, train_flops_per_token
+from model.flops import dense_flops_per_token, peak_flops
 from train import Run, TrainError, setup, train_step
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -60,33 +61,41 @@ class RandomTokens:
         return self._cache[key]
 
 
-def time_method(cfg, steps: int, warmup: int, at: float) -> dict:
+def time_method(cfg, steps: int, warmup: int, at: float, repeats: int = 5) -> dict:
+    # Each method compiles from scratch: dynamo's per-code-object cache is shared by every model in the process,
+    # and once it is full later models silently run eager (measured: 0.7x "slowdowns" that were eager steps).
+    torch._dynamo.reset()
     data = RandomTokens(min(cfg.model.vocab_size, 50257), cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
     run: Run = setup(cfg, data=data)
     cuda = run.device.type == "cuda"
     start = int(at * cfg.train.steps)
     if start + warmup + steps > cfg.train.steps:
         raise TrainError(f"--at {at} leaves fewer than warmup+steps={warmup + steps} of train.steps={cfg.train.steps}")
-    times, flops = [], []
+    flops: list[float] = []
+    for step in range(start, start + warmup):  # compilation, autotuning, caches
+        train_step(run, step)
+    # Steps run back to back, as in training (the trainer syncs only at log steps): each repeat times a block of
+    # steps between two events, so host work overlaps device work as it does in a real run.
+    block = max(1, steps // repeats)
+    times = []
+    step = start + warmup
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for i, step in enumerate(range(start, start + warmup + steps)):
+    for _ in range(repeats):
         if cuda:
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0.record()
-        else:
-            h0 = time.perf_counter()
-        _, _, _, step_flops = train_step(run, step)
+        h0 = time.perf_counter()
+        for _ in range(block):
+            flops.append(train_step(run, step)[3])
+            step += 1
         if cuda:
             t1.record()
             t1.synchronize()
-            ms = t0.elapsed_time(t1)
+            times.append(t0.elapsed_time(t1) / block)
         else:
-            ms = 1e3 * (time.perf_counter() - h0)
-        if i >= warmup:
-            times.append(ms)
-            flops.append(step_flops)
+            times.append(1e3 * (time.perf_counter() - h0) / block)
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     med = statistics.median(times)
     tok_per_s = run.tokens_per_step / (med / 1e3)
@@ -106,7 +115,8 @@ def time_method(cfg, steps: int, warmup: int, at: float) -> dict:
         "flops_per_token": statistics.mean(flops) / run.tokens_per_step,
         "flops_ratio": statistics.mean(flops) / run.tokens_per_step / dense_tok,
         "peak_mem_gb": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
-        "timed_steps": [start + warmup, start + warmup + steps],
+        "timed_steps": [start + warmup, step],
+        "repeats": repeats,
     }
     del run
     if cuda:
@@ -124,6 +134,24 @@ def run_kernel_benches(names: list[str], out_dir: Path, stamp: str) -> dict:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-2000:])
         results[name] = json.loads(path.read_text()) if path.is_file() else {"error": proc.stderr[-2000:]}
     return results
+
+
+def write_results(rows: list[dict], out: Path, stamp: str, command: str, config, extra) -> tuple[list[dict], Path]:
+    """(Re)write the JSON and markdown table with the rows measured so far; speedups are against dense."""
+    ok = [r for r in rows if "error" not in r]
+    dense = next((r for r in ok if r["method"] == "dense"), None)
+    for r in ok:
+        r["speedup"] = r["tok_per_s"] / dense["tok_per_s"] if dense else None
+        r["config"] = str(config) if config else None
+        r["command"] = command
+    device = (ok[0]["device"] if ok else "unknown").replace(" ", "_")
+    payload = {"command": command, "config": str(config) if config else None, "overrides": extra,
+               "torch": torch.__version__, "cuda": torch.version.cuda, "device": device, "rows": rows}
+    json_path = out / f"bench-{device}-{stamp}.json"
+    json_path.write_text(json.dumps(payload, indent=2))
+    if dense:
+        (out / f"bench-{device}-{stamp}.md").write_text(markdown(ok, command))
+    return ok, json_path
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -160,32 +188,23 @@ def main(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     command = shlex.join(["python", "bench.py", *sys.argv[1:]])
-    rows = []
+    stamp = datetime.date.today().isoformat() + (f"-{tag}" if tag else "")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
     for cfg in cfgs:
         console.print(f"[bold]{cfg.method}[/bold]: {warmup} warm-up + {steps} timed steps")
         try:
             rows.append(time_method(cfg, steps, warmup, at))
-        except (TrainError, RuntimeError, ValueError) as e:  # one broken method must not lose the others
+        except Exception as e:  # noqa: BLE001 (one broken method must not lose the others)
             console.print(f"[red]{cfg.method} failed:[/red] {type(e).__name__}: {e}")
             rows.append({"method": cfg.method, "error": f"{type(e).__name__}: {e}"})
-    ok = [r for r in rows if "error" not in r]
-    dense = next((r for r in ok if r["method"] == "dense"), None)
-    for r in ok:
-        r["speedup"] = r["tok_per_s"] / dense["tok_per_s"] if dense else None
-        r["config"] = str(config) if config else None
-        r["command"] = command
-    device = (ok[0]["device"] if ok else "unknown").replace(" ", "_")
-    stamp = datetime.date.today().isoformat() + (f"-{tag}" if tag else "")
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "config": str(config) if config else None, "overrides": extra,
-               "torch": torch.__version__, "cuda": torch.version.cuda, "device": device, "rows": rows}
+        ok, json_path = write_results(rows, out, stamp, command, config, extra)  # after each method: a killed
+        # run keeps what it measured
     if kernels:
+        payload = json.loads(json_path.read_text())
         payload["kernels"] = run_kernel_benches(list(KERNEL_BENCHES) if kernels == "all" else kernels.split(","),
                                                 out, stamp)
-    json_path = out / f"bench-{device}-{stamp}.json"
-    json_path.write_text(json.dumps(payload, indent=2))
-    if dense:
-        (out / f"bench-{device}-{stamp}.md").write_text(markdown(ok, command))
+        json_path.write_text(json.dumps(payload, indent=2))
     table = Table("method", "ms/step", "tok/s", "speedup", "MFU", "FLOPs ratio", "peak GB")
     for r in ok:
         table.add_row(r["method"], f"{r['ms_per_step']:.1f}", f"{r['tok_per_s']:,.0f}",

@@ -236,6 +236,8 @@ def load_config(path: str | Path | None, method: str | None = None, overrides: l
     cfg = Config(method=method)
     for name, cls in CORE_SECTIONS.items():
         setattr(cfg, name, _build(cls, name, sections.get(name, {})))
+    for name in sections.keys() & REGISTRY.keys() - {method}:  # other methods' sections must be valid too
+        _build(method_config_class(name), name, sections[name])
     cfg.method_cfg = _build(method_cls, method, sections.get(method, {}))
     return cfg
 

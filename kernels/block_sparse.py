@@ -1,0 +1,664 @@
+"""Block-sparse linear layers for block-granular MST: only the nonzero b×b blocks of W are computed.
+
+A weight W (out, in) is cut into b×b blocks; a bool block mask (out/b, in/b) says which blocks are on. All three
+GEMMs of a linear skip the empty blocks:
+
+  forward  Y = X Wᵀ      per output row block j of W, sum over its nonzero column blocks k   (CSR lists)
+  dX       dX = dY W     per input column block k of W, sum over its nonzero row blocks j    (CSC lists)
+  dW       dW = dYᵀ X    only the nonzero blocks (an SDDMM with a K = tokens reduction), written into a
+                         full-size dW that is zero on empty blocks; `dense_wgrad=True` computes the full dense
+                         dW with one GEMM instead (MST scores growth with it on topology-update steps).
+
+The index lists are built once per mask (MST changes masks every ~100 steps) as int32 tensors on the weight's
+device (`BlockMaskInfo`). Each forward packs the nonzero blocks of the weight parameter, in the compute dtype,
+into a contiguous (nnz, b, b) tensor (one small launch reading only those blocks) that the forward and dX
+kernels share: under autocast this is F.linear's cast of the fp32 master weight, done on the blocks in use,
+and nothing is cached across optimizer steps. dW is written in the weight's own dtype, so autograd adds no
+full-size casts. The plain-PyTorch reference (mask expanded to elements, dense matmul) is the spec and the CPU
+fallback.
+
+Kernel notes (H100). Forward/dX: one program per (token tile, output block), all blocks of a token tile adjacent
+in the grid so the tile's activations come from HBM once; the packed W (≤ 8 MB bf16 for 4096×1024) stays in L2.
+The K loop is flat over (nonzero block, 64-wide chunk), so the pipeliner keeps `num_stages` chunks in flight
+across block boundaries. At b=128 the 256×128 tile (8 warps) reuses each loaded byte about as well as cuBLAS's
+128×256; at b ≤ 64 the output tile is only b wide, so those kernels stay L2-bandwidth bound. Rows past M wrap
+(re-read valid rows, never stored) to keep the loads unmasked. The dW SDDMM groups up to G blocks that share a
+row (or a column, whichever lists are longer) into one b × G·b tile, so the shared dY (or X) slice is loaded
+once for G blocks, and splits the token reduction across programs (fp32 atomics) when there are too few tasks
+to fill the GPU's last wave: straight into the zeroed fp32 dW of fp32 master weights, or into a compact
+(nnz, b, b) buffer that one pass casts into a 16-bit dW, writing the empty blocks' zeros in the same launch.
+Nothing on the per-call path syncs with the host (all sizes come from the index tensors' shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels import select, triton_available
+
+BLOCK_SIZES = (32, 64, 128)
+DW_TILE = 256  # width of the dW tile: G = DW_TILE // b blocks share one load of their common dY or X slice
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block masks, index lists and block scores
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMaskInfo:
+    """A block mask and the int32 index lists the kernels walk. Build with `build_block_mask_info`."""
+
+    mask: torch.Tensor  # (R, C) bool, R = out/b, C = in/b
+    block: int
+    row_ptr: torch.Tensor  # (R+1,) forward CSR: row j's nonzero column blocks are row_cols[row_ptr[j]:row_ptr[j+1]]
+    row_cols: torch.Tensor  # (nnz,)
+    row_order: torch.Tensor  # (R,) rows by nonzero count, descending (launch order)
+    col_ptr: torch.Tensor  # (C+1,) dX CSC: column k's nonzero row blocks are col_rows[col_ptr[k]:col_ptr[k+1]]
+    col_rows: torch.Tensor  # (nnz,)
+    col_ids: torch.Tensor  # (nnz,) compact index of each CSC entry (where dX finds the block in the packed W)
+    col_order: torch.Tensor  # (C,)
+    blk_rows: torch.Tensor  # (nnz,) the nonzero blocks in row-major order; position = compact dW index
+    blk_cols: torch.Tensor  # (nnz,)
+    block_id: torch.Tensor  # (R, C) compact index of each block, -1 where empty
+    task_fixed: torch.Tensor  # (T,) dW tasks: the row (or column) block the G grouped blocks share
+    task_other: torch.Tensor  # (T, G) their column (or row) blocks; padding repeats slot 0
+    task_ids: torch.Tensor  # (T, G) their compact indices, -1 for padding
+    by_row: bool  # dW tasks group blocks of one row (else of one column)
+    group: int  # G
+
+    @property
+    def nnz(self) -> int:
+        return self.blk_rows.numel()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the weight this mask covers."""
+        return self.mask.shape[0] * self.block, self.mask.shape[1] * self.block
+
+    @property
+    def device(self) -> torch.device:
+        return self.row_ptr.device
+
+    def density(self) -> float:
+        return self.nnz / self.mask.numel()
+
+    def to(self, device: torch.device | str) -> BlockMaskInfo:
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
+        return BlockMaskInfo(**moved)
+
+
+def _grouped_tasks(lengths: torch.Tensor, other: torch.Tensor, ids: torch.Tensor, group: int):
+    """Cut each list (lists laid end to end, `lengths` long) into tasks of at most `group` entries."""
+    n_lists = lengths.numel()
+    n_groups = (lengths + group - 1) // group
+    first_group = torch.cumsum(n_groups, 0) - n_groups
+    starts = torch.cumsum(lengths, 0) - lengths
+    owner = torch.repeat_interleave(torch.arange(n_lists), lengths)
+    pos = torch.arange(other.numel()) - starts[owner]
+    task = first_group[owner] + pos // group
+    n_tasks = int(n_groups.sum())
+    task_other = torch.zeros((n_tasks, group), dtype=torch.int32)
+    task_ids = torch.full((n_tasks, group), -1, dtype=torch.int32)
+    task_other[task, pos % group] = other.to(torch.int32)
+    task_ids[task, pos % group] = ids.to(torch.int32)
+    # Padding slots re-read the task's first block (an L2 hit) and are not stored: an unmasked gather keeps the
+    # kernel's loads vectorized, which a per-slot mask of unknown constancy would not.
+    pad = task_ids < 0
+    task_other[pad] = task_other[:, :1].expand_as(task_other)[pad]
+    task_fixed = torch.repeat_interleave(torch.arange(n_lists), n_groups).to(torch.int32)
+    return task_fixed, task_other, task_ids
+
+
+def build_block_mask_info(mask: torch.Tensor, block: int, device: torch.device | str | None = None) -> BlockMaskInfo:
+    """Index lists for a (out/b, in/b) bool block mask, as int32 tensors on `device` (default: the mask's)."""
+    if block not in BLOCK_SIZES:
+        raise ValueError(f"block size must be one of {BLOCK_SIZES}, got {block}")
+    if mask.dim() != 2:
+        raise ValueError(f"block mask must be 2-D (out/b, in/b), got shape {tuple(mask.shape)}")
+    device = mask.device if device is None else torch.device(device)
+    m = mask.detach().to("cpu", torch.bool)
+    n_rows, n_cols = m.shape
+    i32 = torch.int32
+    blk_rows, blk_cols = m.nonzero(as_tuple=True)  # row-major, so each row's columns come out sorted
+    row_counts, col_counts = m.sum(1), m.sum(0)
+    t_cols, t_rows = m.t().nonzero(as_tuple=True)  # column-major walk: (column, row) pairs
+    block_id = torch.full((n_rows, n_cols), -1, dtype=i32)
+    block_id[blk_rows, blk_cols] = torch.arange(blk_rows.numel(), dtype=i32)
+    group = max(1, DW_TILE // block)
+    # Group dW blocks along the axis with the longer lists, so fewer of a task's G slots are padding.
+    by_row = n_cols >= n_rows
+    if by_row:
+        tasks = _grouped_tasks(row_counts, blk_cols, block_id[blk_rows, blk_cols], group)
+    else:
+        tasks = _grouped_tasks(col_counts, t_rows, block_id[t_rows, t_cols], group)
+    zero = torch.zeros(1, dtype=torch.long)
+    info = BlockMaskInfo(
+        mask=m,
+        block=block,
+        row_ptr=torch.cat([zero, row_counts.cumsum(0)]).to(i32),
+        row_cols=blk_cols.to(i32),
+        row_order=torch.argsort(row_counts, descending=True, stable=True).to(i32),
+        col_ptr=torch.cat([zero, col_counts.cumsum(0)]).to(i32),
+        col_rows=t_rows.to(i32),
+        col_ids=block_id[t_rows, t_cols],
+        col_order=torch.argsort(col_counts, descending=True, stable=True).to(i32),
+        blk_rows=blk_rows.to(i32),
+        blk_cols=blk_cols.to(i32),
+        block_id=block_id,
+        task_fixed=tasks[0],
+        task_other=tasks[1],
+        task_ids=tasks[2],
+        by_row=by_row,
+        group=group,
+    )
+    return info.to(device)
+
+
+def expand_block_mask(block_mask: torch.Tensor, block: int) -> torch.Tensor:
+    """(R, C) block mask -> (R·b, C·b) element mask."""
+    return block_mask.repeat_interleave(block, 0).repeat_interleave(block, 1)
+
+
+def block_scores(t: torch.Tensor, block: int, reduce: str = "sum") -> torch.Tensor:
+    """Per-block score of |t| for a (out, in) tensor (weights for pruning, dense gradients for growth): (R, C) fp32.
+
+    Default `sum` (L1): a block's score is the sum of the element scores element-MST compares (|W|, |G|), so block
+    MG with b=1 is exactly element MG, and one large entry cannot carry an otherwise useless block the way it does
+    under `l2` (the whole b×b tile costs the same to compute whichever entries matter). `mean` ranks blocks of one
+    layer exactly as `sum` does (equal block sizes); it only differs when comparing layers, which MST doesn't do
+    (its per-layer counts come from the ER allocation). `l2` is the first-order loss decrease of one gradient step
+    on the block (‖G_B‖²), offered for the gradient score.
+    """
+    if t.dim() != 2 or t.shape[0] % block or t.shape[1] % block:
+        raise ValueError(f"tensor shape {tuple(t.shape)} is not a 2-D multiple of block size {block}")
+    n_rows, n_cols = t.shape[0] // block, t.shape[1] // block
+    v = t.detach().float().abs().reshape(n_rows, block, n_cols, block)
+    if reduce == "sum":
+        return v.sum((1, 3))
+    if reduce == "mean":
+        return v.mean((1, 3))
+    if reduce == "l2":
+        return v.square().sum((1, 3)).sqrt()
+    raise ValueError(f"block score reduce must be one of sum, mean, l2, got {reduce!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference (the spec; CPU fallback)
+
+
+def _element_mask(info: BlockMaskInfo, like: torch.Tensor) -> torch.Tensor:
+    return expand_block_mask(info.mask.to(like.device), info.block).to(like.dtype)
+
+
+def fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, info: BlockMaskInfo) -> torch.Tensor:
+    return F.linear(x, weight * _element_mask(info, weight), None if bias is None else bias.to(x.dtype))
+
+
+def dx_ref(dy: torch.Tensor, weight: torch.Tensor, info: BlockMaskInfo) -> torch.Tensor:
+    return dy @ (weight * _element_mask(info, weight))
+
+
+def dw_ref(dy: torch.Tensor, x: torch.Tensor, info: BlockMaskInfo) -> torch.Tensor:
+    dw = dy.t() @ x
+    return dw * _element_mask(info, dw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+def _configs(names: tuple[str, ...], sizes: list[tuple[int, ...]]) -> list[triton.Config]:
+    """(tile sizes..., num_warps, num_stages) rows; one small config in the interpreter (nothing to tune there)."""
+    if _INTERPRET:
+        return [triton.Config(dict.fromkeys(names, 16), num_warps=4, num_stages=1)]
+    return [triton.Config(dict(zip(names, s[:-2], strict=True)), num_warps=s[-2], num_stages=s[-1]) for s in sizes]
+
+
+_SMEM = 200 * 1024  # H100 has 227 KB a block; the rest is Triton's own scratch (barriers, layout conversions)
+
+
+def _arg(named_args: dict, kwargs: dict, name: str):
+    return named_args[name] if name in named_args else kwargs[name]
+
+
+def _prune_mm(configs, named_args, **kwargs):
+    b = _arg(named_args, kwargs, "B")
+    size = named_args["a_ptr"].element_size()
+    fits = [
+        c
+        for c in configs
+        if (c.kwargs["BK"] == 64 if b == 128 else c.kwargs["BK"] <= b)  # b=128: 64-wide chunks, 2 per block
+        and c.num_stages * (c.kwargs["BM"] + b) * c.kwargs["BK"] * size <= _SMEM
+        and c.kwargs["BM"] * b <= 128 * 32 * c.num_warps  # fp32 accumulator: at most 128 registers a thread
+    ]
+    return fits or configs[-1:]
+
+
+def _prune_dw(configs, named_args, **kwargs):
+    b, g = _arg(named_args, kwargs, "B"), _arg(named_args, kwargs, "G")
+    size = named_args["p_ptr"].element_size()
+    fits = [
+        c
+        for c in configs
+        if c.num_stages * c.kwargs["BK"] * (b + g * b) * size <= _SMEM and b * g * b <= 128 * 32 * c.num_warps
+    ]
+    return fits or configs[-1:]
+
+
+# (BM, BK, warps, stages). b=128 wants the 256×128 tile (the A tile is reused across 128 output columns and the W
+# tile across 256 rows: 85 flop/byte of L2 traffic, as cuBLAS's 128×256); the 128-row ones are for b ≤ 64 and fp32.
+_MM_CONFIGS = _configs(
+    ("BM", "BK"), [(256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (128, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)]
+)
+# (BK, warps, stages) for the b × G·b dW tile (128×256 at b=128)
+_DW_CONFIGS = _configs(("BK",), [(64, 8, 3), (64, 8, 4), (32, 4, 4)])
+_DW_ALIGN = 64  # split-K chunks are a multiple of every BK
+
+
+@triton.autotune(
+    configs=_MM_CONFIGS, key=["M", "NJ", "B", "W_T", "NNZ_LOG2"], prune_configs_by={"early_config_prune": _prune_mm}
+)
+@triton.jit
+def _bsr_mm_kernel(
+    a_ptr, w_ptr, c_ptr, bias_ptr, ptr_ptr, idx_ptr, ids_ptr, order_ptr,
+    M, NJ, NNZ_LOG2, stride_am, stride_ak, stride_cm, stride_cn,
+    W_T: tl.constexpr, IDS: tl.constexpr, HAS_BIAS: tl.constexpr, B: tl.constexpr, BM: tl.constexpr,
+    BK: tl.constexpr,
+):  # fmt: skip
+    """C[:, j-block] = sum over p in list j of A[:, idx[p]-block] @ (block ids[p] of the packed W, transposed if W_T).
+
+    Forward: j = row block of W, lists = CSR, ids = p (IDS=False), W_T. dX: j = column block, lists = CSC with
+    their packed ids. The K loop is flat over (block, BK-chunk) so Triton's pipeliner sees one loop with both
+    loads (and the index load feeding them) in flight `num_stages` deep.
+    """
+    pid = tl.program_id(0)
+    pid_m = pid // NJ  # the NJ programs of one token tile run together: its A rows are read from HBM once
+    j = tl.load(order_ptr + pid % NJ)
+    start = tl.load(ptr_ptr + j)
+    end = tl.load(ptr_ptr + j + 1)
+    S: tl.constexpr = B // BK
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    rows = (offs_m % M).to(tl.int64)  # rows past M re-read valid ones (never stored), so the loads need no mask
+    offs_k = tl.arange(0, BK)
+    offs_n = tl.arange(0, B)
+    acc = tl.zeros((BM, B), dtype=tl.float32)
+    for t in range(start * S, end * S):
+        p = t // S
+        kk = (t % S) * BK
+        k = tl.load(idx_ptr + p)
+        if IDS:
+            blk = tl.load(ids_ptr + p).to(tl.int64)
+        else:
+            blk = p.to(tl.int64)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + (k * B + kk + offs_k)[None, :] * stride_ak)
+        w_blk = w_ptr + blk * (B * B)
+        if W_T:
+            w = tl.load(w_blk + offs_n[None, :] * B + (kk + offs_k)[:, None])
+        else:
+            w = tl.load(w_blk + (kk + offs_k)[:, None] * B + offs_n[None, :])
+        acc = tl.dot(a, w, acc)
+    if HAS_BIAS:  # rounded to the activations' dtype first, as autocast casts the bias
+        acc += tl.load(bias_ptr + j * B + offs_n).to(c_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    offs_c = offs_m.to(tl.int64)  # M·N can pass 2^31 (lm_head at 64k tokens)
+    c = c_ptr + offs_c[:, None] * stride_cm + (j * B + offs_n)[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(offs_c < M)[:, None])
+
+
+@triton.jit
+def _pack_kernel(w_ptr, out_ptr, rows_ptr, cols_ptr, stride_w0, stride_w1, B: tl.constexpr):
+    """Packed block p (row-major b×b, the compute dtype) = W block (rows[p], cols[p]): the only cast of W."""
+    pid = tl.program_id(0)
+    r = tl.load(rows_ptr + pid).to(tl.int64)
+    c = tl.load(cols_ptr + pid).to(tl.int64)
+    offs = tl.arange(0, B)
+    w = tl.load(w_ptr + (r * B + offs)[:, None] * stride_w0 + (c * B + offs)[None, :] * stride_w1)
+    out = out_ptr + pid.to(tl.int64) * (B * B) + offs[:, None] * B + offs[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty))  # round-to-nearest-even, as torch casts
+
+
+@triton.autotune(
+    configs=_DW_CONFIGS,
+    key=["M", "B", "N_TASKS_LOG2", "BY_ROW", "FULL", "ATOMIC"],
+    reset_to_zero=["out_ptr"],  # split-K accumulates with atomics, so benchmarking runs must start from zero
+    prune_configs_by={"early_config_prune": _prune_dw},
+)
+@triton.jit
+def _sddmm_kernel(
+    p_ptr, q_ptr, out_ptr, fixed_ptr, other_ptr, ids_ptr,
+    M, chunk, n_tasks, N_TASKS_LOG2, stride_pm, stride_pk, stride_qm, stride_qk, stride_or, stride_oc,
+    B: tl.constexpr, G: tl.constexpr, BY_ROW: tl.constexpr, FULL: tl.constexpr, ATOMIC: tl.constexpr,
+    EVEN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """For task t, split s: acc (B, G·B) = P[rows of s, fixed block]ᵀ @ Q[rows of s, G gathered blocks].
+
+    By row (P = dY, Q = X): acc[i, g] = dW[fixed·B + i, other_g·B + g%B]. By column (P = X, Q = dY): acc[i, g] =
+    dW[other_g·B + g%B, fixed·B + i]. FULL writes into the (out, in) dW (zeroed by the caller) at its strides,
+    else into the compact (nnz, B, B) fp32 buffer at the block's id. ATOMIC adds (split-K) instead of storing.
+    """
+    pid = tl.program_id(0)
+    split = pid // n_tasks  # all tasks of one token chunk run together, so that chunk of dY and X stays in L2
+    t = pid % n_tasks
+    fixed = tl.load(fixed_ptr + t)
+    offs_i = tl.arange(0, B)
+    offs_g = tl.arange(0, G * B)
+    other = tl.load(other_ptr + t * G + offs_g // B)
+    q_cols = tl.max_contiguous(tl.multiple_of(other * B + offs_g % B, B), B)  # G runs of B contiguous columns
+    m_start = split * chunk
+    m_end = tl.minimum(m_start + chunk, M)
+    offs_k = tl.arange(0, BK)
+    p_cols = (fixed * B + offs_i)[None, :] * stride_pk
+    acc = tl.zeros((B, G * B), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BK):
+        rows = (m0 + offs_k).to(tl.int64)
+        if EVEN:  # every chunk is whole: unmasked loads
+            p = tl.load(p_ptr + rows[:, None] * stride_pm + p_cols)
+            q = tl.load(q_ptr + rows[:, None] * stride_qm + q_cols[None, :] * stride_qk)
+        else:
+            r_mask = (rows < m_end)[:, None]
+            p = tl.load(p_ptr + rows[:, None] * stride_pm + p_cols, mask=r_mask, other=0.0)
+            q = tl.load(q_ptr + rows[:, None] * stride_qm + q_cols[None, :] * stride_qk, mask=r_mask, other=0.0)
+        acc = tl.dot(tl.trans(p), q, acc)
+    ids = tl.load(ids_ptr + t * G + offs_g // B)
+    if BY_ROW:
+        r_el = fixed * B + offs_i[:, None]
+        c_el = (other * B + offs_g % B)[None, :]
+    else:
+        r_el = (other * B + offs_g % B)[None, :]
+        c_el = fixed * B + offs_i[:, None]
+    if FULL:
+        out = out_ptr + r_el.to(tl.int64) * stride_or + c_el.to(tl.int64) * stride_oc
+    else:
+        out = out_ptr + ids.to(tl.int64)[None, :] * (B * B) + (r_el % B) * B + c_el % B
+    o_mask = (offs_i[:, None] >= 0) & (ids >= 0)[None, :]  # padding slots (id -1) are never written
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=o_mask, sem="relaxed")
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _scatter_kernel(compact_ptr, block_id_ptr, out_ptr, C, stride_o0, stride_o1, B: tl.constexpr):
+    """Full-size dW from the compact fp32 blocks, zero on empty blocks, in the output's dtype (one pass)."""
+    pid = tl.program_id(0)
+    r = (pid // C).to(tl.int64)
+    c = (pid % C).to(tl.int64)
+    bid = tl.load(block_id_ptr + pid).to(tl.int64)
+    offs = tl.arange(0, B)
+    v = tl.load(compact_ptr + bid * (B * B) + offs[:, None] * B + offs[None, :],
+                mask=(offs[:, None] >= 0) & (bid >= 0), other=0.0)  # fmt: skip
+    out = out_ptr + (r * B + offs)[:, None] * stride_o0 + (c * B + offs)[None, :] * stride_o1
+    tl.store(out, v.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pack_blocks(weight: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype) -> torch.Tensor:
+    """The nonzero blocks of `weight` (any float dtype, e.g. the fp32 master) as (nnz, b, b) in `dtype`, in compact
+    (row-major block) order. Under autocast this is the cast F.linear would do, restricted to the blocks in use."""
+    b = info.block
+    packed = torch.empty(info.nnz, b, b, device=weight.device, dtype=dtype)
+    if info.nnz:
+        _pack_kernel[(info.nnz,)](
+            weight, packed, info.blk_rows, info.blk_cols, weight.stride(0), weight.stride(1), B=b,
+            num_warps=8 if b == 128 else 4,
+        )  # fmt: skip
+    return packed
+
+
+def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int, forward: bool) -> torch.Tensor:
+    m = a.shape[0]
+    if info.nnz == 0:  # nothing to multiply (and an empty index tensor has no pointer to pass)
+        c = a.new_zeros(m, n)
+        return c + bias.to(a.dtype) if bias is not None else c
+    c = torch.empty(m, n, device=a.device, dtype=a.dtype)
+    if forward:
+        n_j, lists = info.mask.shape[0], (info.row_ptr, info.row_cols, info.row_cols, info.row_order)
+    else:
+        n_j, lists = info.mask.shape[1], (info.col_ptr, info.col_rows, info.col_ids, info.col_order)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * n_j,)
+    _bsr_mm_kernel[grid](
+        a, packed, c, bias if bias is not None else c, *lists,
+        m, n_j, info.nnz.bit_length(), a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+        W_T=forward, IDS=not forward, HAS_BIAS=bias is not None, B=info.block,
+    )  # fmt: skip
+    return c
+
+
+def fwd_triton(x, weight, bias, info: BlockMaskInfo, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) @ (W ⊙ M)ᵀ + bias in x's dtype; `packed` = pack_blocks(weight, info, x.dtype) if already made."""
+    packed = pack_blocks(weight, info, x.dtype) if packed is None else packed
+    return _mm(x, packed, bias, info, info.shape[0], forward=True)
+
+
+def dx_triton(dy, weight, info: BlockMaskInfo, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """dy (M, out) @ (W ⊙ M) in dy's dtype, from the same packed blocks as the forward."""
+    packed = pack_blocks(weight, info, dy.dtype) if packed is None else packed
+    return _mm(dy, packed, None, info, info.shape[1], forward=False)
+
+
+def dw_splits(m: int, n_tasks: int, device: torch.device) -> int:
+    """Token-chunks of the dW reduction: the fewest that fill the GPU's last wave of programs about as well as any
+    (each split adds b·G·b fp32 atomics a task), chunks of at least 1024 tokens."""
+    sms = _num_sms(device)
+    best, best_fill = 1, 0.0
+    for s in range(1, max(1, min(m // 1024, 64)) + 1):
+        progs = n_tasks * s
+        fill = progs / (triton.cdiv(progs, sms) * sms)
+        if fill > best_fill + 0.05:
+            best, best_fill = s, fill
+    return best
+
+
+def dw_triton(
+    dy: torch.Tensor, x: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype | None = None, splits: int | None = None
+) -> torch.Tensor:
+    """dYᵀ X on the nonzero blocks, zero elsewhere, as a full (out, in) tensor in `dtype` (default dy's).
+
+    Accumulation is fp32. An fp32 result (the master weights' grad) takes the split-K atomics directly; a 16-bit
+    one gets them in a compact fp32 buffer that one pass casts and scatters (zeros included) into the result.
+    """
+    b, m = info.block, dy.shape[0]
+    dtype = dy.dtype if dtype is None else dtype
+    n_tasks = info.task_fixed.numel()
+    if n_tasks == 0:
+        return dy.new_zeros(info.shape, dtype=dtype)
+    splits = dw_splits(m, n_tasks, dy.device) if splits is None else splits
+    chunk = triton.cdiv(triton.cdiv(m, splits), _DW_ALIGN) * _DW_ALIGN
+    splits = triton.cdiv(m, chunk)
+    atomic = splits > 1
+    full = dtype == torch.float32 or not atomic
+    # Zeroed for the atomics and for the empty blocks; a memset, far below the GEMM's own traffic.
+    dw = torch.zeros(info.shape if full else (info.nnz, b, b), device=dy.device, dtype=dtype if full else torch.float32)
+    p, q = (dy, x) if info.by_row else (x, dy)
+    _sddmm_kernel[(n_tasks * splits,)](
+        p, q, dw, info.task_fixed, info.task_other, info.task_ids,
+        m, chunk, n_tasks, n_tasks.bit_length(), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        dw.stride(0) if full else 0, dw.stride(1) if full else 0,
+        B=b, G=info.group, BY_ROW=info.by_row, FULL=full, ATOMIC=atomic, EVEN=m % chunk == 0,
+    )  # fmt: skip
+    return dw if full else scatter_blocks(dw, info, dtype)
+
+
+def scatter_blocks(compact: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype) -> torch.Tensor:
+    n_rows, n_cols = info.mask.shape
+    out = torch.empty(info.shape, device=compact.device, dtype=dtype)
+    _scatter_kernel[(n_rows * n_cols,)](
+        compact, info.block_id, out, n_cols, out.stride(0), out.stride(1), B=info.block,
+        num_warps=8 if info.block == 128 else 4,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd op and module
+
+
+class _Ops(NamedTuple):
+    """prepare(weight, info, dtype) -> the weight operand fwd and dx share (made once in the forward, saved)."""
+
+    prepare: object
+    fwd: object  # (x, operand, bias, info) -> y
+    dx: object  # (dy, operand, info) -> dx
+    dw: object  # (dy, x, info, dtype) -> dw
+
+
+def _fwd_packed(x, packed, bias, info):
+    return fwd_triton(x, None, bias, info, packed)
+
+
+def _dx_packed(dy, packed, info):
+    return dx_triton(dy, None, info, packed)
+
+
+def _cast_ref(weight, info, dtype):
+    return weight.to(dtype)
+
+
+def _dw_ref_as(dy, x, info, dtype):
+    return dw_ref(dy, x, info).to(dtype)
+
+
+IMPLS = {
+    "triton": _Ops(pack_blocks, _fwd_packed, _dx_packed, dw_triton),
+    "ref": _Ops(_cast_ref, fwd_ref, dx_ref, _dw_ref_as),
+}
+
+
+def _triton_can_run(*tensors: torch.Tensor) -> bool:
+    if _INTERPRET:
+        return all(t.device.type == "cpu" for t in tensors)
+    return triton_available() and all(t.is_cuda for t in tensors)
+
+
+class _BlockSparseLinearFn(torch.autograd.Function):
+    """x is already in the compute dtype; weight and bias stay in theirs (the fp32 masters under autocast): the
+    weight is cast once per forward, blocks in use only, and its gradient is written in its own dtype, so
+    autograd adds no full-size casts around the op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, info, ops, dense_wgrad):
+        w_op = ops.prepare(weight, info, x.dtype)
+        ctx.save_for_backward(x, w_op)
+        ctx.info, ctx.ops, ctx.dense_wgrad = info, ops, dense_wgrad
+        ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
+        return ops.fwd(x, w_op, bias, info)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_op = ctx.saved_tensors
+        info, ops = ctx.info, ctx.ops
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.dx(dy, w_op, info)
+        if ctx.needs_input_grad[1]:
+            dw = (dy.t() @ x).to(ctx.w_dtype) if ctx.dense_wgrad else ops.dw(dy, x, info, ctx.w_dtype)
+        if ctx.needs_input_grad[2]:
+            db = dy.sum(0).to(ctx.b_dtype)
+        return dx, dw, db, None, None, None
+
+
+@torch.compiler.disable  # dynamo cannot trace the Python-side index object; a graph break keeps compiled models exact
+def block_sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_mask_info: BlockMaskInfo,
+    backend: str = "auto",
+    dense_wgrad: bool = False,
+) -> torch.Tensor:
+    """y = x (W ⊙ M)ᵀ + bias with M the block mask expanded to elements, computing only nonzero blocks.
+
+    Gradients: dX over nonzero blocks; dW zero on empty blocks, or the full dense dYᵀX when `dense_wgrad`
+    (MST topology-update steps). Under autocast the math sees what F.linear's would: x, W and bias rounded to the
+    autocast dtype (W's nonzero blocks only, inside the op) with fp32 accumulation; y is in the autocast dtype and
+    the weight/bias grads in the parameters' own dtypes. Without autocast x and weight must share a dtype.
+    """
+    info = block_mask_info
+    if weight.shape != info.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the block mask's {info.shape}")
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    elif x.dtype != weight.dtype:
+        raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    name = select(IMPLS, backend, {"triton": lambda: _triton_can_run(x, weight)})
+    if info.device != weight.device:
+        info = info.to(weight.device)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    with torch.autocast(dev, enabled=False):
+        y = _BlockSparseLinearFn.apply(x2, weight, bias, info, IMPLS[name], dense_wgrad)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class BlockSparseLinear(nn.Linear):
+    """nn.Linear whose weight is used only on the nonzero blocks of a block mask (state_dict keys unchanged).
+
+    The mask is a plain attribute (the sparsity method checkpoints it); the index lists are rebuilt lazily on
+    the weight's device after `set_block_mask`. `dense_wgrad = True` makes the next backwards return the dense dW.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        block: int = 64,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if block not in BLOCK_SIZES:
+            raise ValueError(f"block size must be one of {BLOCK_SIZES}, got {block}")
+        if in_features % block or out_features % block:
+            raise ValueError(f"linear {out_features}x{in_features} is not divisible into {block}x{block} blocks")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.block = block
+        self.backend = backend
+        self.dense_wgrad = False
+        self.block_mask = torch.ones(out_features // block, in_features // block, dtype=torch.bool)
+        self._info: BlockMaskInfo | None = None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block: int = 64, backend: str = "auto") -> BlockSparseLinear:
+        """Wrap an nn.Linear, adopting its parameter objects (optimizer state and tying survive)."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, block, backend, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        return new
+
+    def set_block_mask(self, mask: torch.Tensor) -> None:
+        shape = (self.out_features // self.block, self.in_features // self.block)
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"block mask must have shape {shape}, got {tuple(mask.shape)}")
+        self.block_mask = mask.detach().to("cpu", torch.bool)
+        self._info = None
+
+    def block_mask_info(self) -> BlockMaskInfo:
+        if self._info is None or self._info.device != self.weight.device:
+            self._info = build_block_mask_info(self.block_mask, self.block, self.weight.device)
+        return self._info
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_sparse_linear(x, self.weight, self.bias, self.block_mask_info(), self.backend, self.dense_wgrad)
+
+    def extra_repr(self) -> str:
+        density = self.block_mask.float().mean().item()
+        return f"{super().extra_repr()}, block={self.block}, block_density={density:.3f}"

@@ -1,0 +1,470 @@
+"""Hybrid Sparse Attention (MST §4): causal attention restricted to a strided pattern, with a kernel that skips
+the masked pairs.
+
+Mode 'sparse' (Child et al.'s "unfactorized strided", MST's default) lets query i see key j iff j <= i and
+(i - j < l or (i - j) % l == 0), l = stride: a band of the previous l positions plus every l-th earlier one.
+The other modes ('local', 'strided', 'fixed', 'dense') exist as masks for the reference path.
+
+The fast path splits the kept pairs into two disjoint sets, each computed as dense tensor-core tiles:
+- strided, i - j = m*l with m >= 1: keys share the query's residue i % l, so in residue-major order
+  (row i = residue + a*l) the pattern is block-diagonal with strictly causal (T/l) x (T/l) blocks. One program
+  holds RS whole residue classes (>= 64 rows, gathered by pointer arithmetic, no permuted copy), so it loads every
+  q, k, v row once and computes its rows' strided attention outright: one tile, no loop.
+- band, 0 <= i - j < l: FlashAttention-2's tile loop over 64-row query blocks and the 64-key tiles that reach
+  back l positions (2 tiles for l = 64: the band and the causal diagonal).
+Why not fold the strided keys into the band program: a 64-row query block needs one key per row from each of its
+~T/l earlier periods, i.e. T/l contiguous 64-row K/V slices used for 64 pairs each; summed over blocks that is
+T/(2l) reads of all of K and V from L2 (~370 MB per forward at T=1024, B*nh=192, ~4x the band's own traffic), the
+same traffic as causal flash attention. The residue-major pass reads them once.
+The passes merge by log-sum-exp through the output buffer: the strided kernel writes (o, lse) of its keys, the band
+kernel folds them into its online softmax in the epilogue and writes the final (o, lse).
+The backward pass is FlashAttention-2's (P recomputed from the final lse) in the same two steps: the strided kernel
+writes dQ, dK, dV of its pairs and delta = rowsum(dO * O) for every row (it loads each row once anyway); the band
+kernel adds its pairs, dK/dV key-major (the <= 1 + ceil((l-1)/64) query blocks that see a key block) and dQ
+query-major, in one program per 64-row block, no atomics.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels import select, triton_available
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path still works
+    triton = tl = None
+
+MODES = ("sparse", "local", "strided", "fixed", "dense")
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+# The strided tile is one program's whole residue classes: max(64, next_pow2(T / l)) rows, all of q, k, v, dO, O in
+# shared memory at once in the backward pass, so rows x head dim is bounded.
+MAX_STRIDED_TILE = 128 * 64
+BLOCK = 64  # band query and key block: the smallest wgmma M, and 2 key tiles per query block when l = 64
+LOG2E = 1.4426950408889634
+
+
+def _check(T: int, stride: int, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"hsa mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if stride < 1:
+        raise ValueError(f"hsa stride must be >= 1, got {stride}")
+    if mode == "fixed" and T % stride:
+        raise ValueError(f"hsa mode 'fixed' needs T % stride == 0, got T={T}, stride={stride}")
+
+
+@functools.lru_cache(maxsize=32)
+def _mask(T: int, stride: int, mode: str, device: torch.device) -> torch.Tensor:
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    d = i - j
+    causal = d >= 0
+    if mode == "sparse":
+        return causal & ((d < stride) | (d % stride == 0))
+    if mode == "local":
+        return causal & (d < stride)
+    if mode == "strided":
+        return causal & (d % stride == 0)
+    if mode == "fixed":
+        # Column k*l - 1 for k = T/l is only reachable by row T-1, which owns it through its block anyway.
+        return causal & ((i // stride == j // stride) | ((j + 1) % stride == 0))
+    return causal
+
+
+def hsa_mask(T: int, stride: int, mode: str = "sparse", device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean (T, T) mask, True = query row attends to key column. Cached per (T, stride, mode, device): read-only."""
+    _check(T, stride, mode)
+    return _mask(T, stride, mode, torch.device(device if device is not None else "cpu"))
+
+
+def hsa_density(T: int, stride: int, mode: str) -> float:
+    """Kept pairs / causal pairs T(T+1)/2: the attention density for FLOP counting (model.flops.FlopProfile.attn)."""
+    _check(T, stride, mode)
+    i = torch.arange(T, dtype=torch.int64)
+    kept = {
+        "sparse": torch.clamp(i + 1, max=stride) + i // stride,
+        "local": torch.clamp(i + 1, max=stride),
+        "strided": i // stride + 1,
+        "fixed": i % stride + 1 + i // stride,
+        "dense": i + 1,
+    }[mode]
+    return int(kept.sum()) / (T * (T + 1) / 2)
+
+
+def hsa_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int, mode: str = "sparse", dropout_p: float = 0.0
+) -> torch.Tensor:
+    """SDPA with the boolean HSA mask: the spec, the CPU fallback and the path for dropout and the other modes.
+    q, k, v: (B, nh, T, hs)."""
+    T = q.size(-2)
+    if mode == "dense":  # the same math; is_causal keeps SDPA on its flash kernel
+        _check(T, stride, mode)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    mask = hsa_mask(T, stride, mode, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels. lse is kept in log2 units (scores are pre-multiplied by sm_scale * log2(e)) and never leaves here.
+# Q, K, V share one set of strides (stride_i*), Out, dO, dQ, dK, dV another (stride_o*); LSE and Delta are (B*H, T).
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _strided_rows(T, L, NP: tl.constexpr, RS: tl.constexpr):
+    """The program's tile: RS residue classes x NP periods, row i = residue + a*l, and which pairs are kept."""
+    pp = tl.arange(0, RS * NP)
+    rho = pp // NP
+    a = pp % NP
+    r = tl.program_id(0) * RS + rho
+    i = r + a * L
+    ok = (r < L) & (i < T)
+    keep = (rho[:, None] == rho[None, :]) & (a[None, :] < a[:, None]) & ok[None, :]
+    return i, ok, keep
+
+
+@_jit
+def _strided_fwd_kernel(
+    Q, K, V, Out, LSE, qk_scale,
+    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
+    H, T, L,
+    HEAD_DIM: tl.constexpr, NP: tl.constexpr, RS: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    in_off = (bh // H).to(tl.int64) * stride_ib + (bh % H).to(tl.int64) * stride_ih
+    out_off = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
+    i, ok, keep = _strided_rows(T, L, NP, RS)
+    d = tl.arange(0, HEAD_DIM)
+    in_ptr = in_off + i[:, None] * stride_it + d[None, :]
+    q = tl.load(Q + in_ptr, mask=ok[:, None], other=0.0)
+    k = tl.load(K + in_ptr, mask=ok[:, None], other=0.0)
+    v = tl.load(V + in_ptr, mask=ok[:, None], other=0.0)
+    s = tl.where(keep, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+    # Rows of the first period have no strided key: o = 0, lse = -inf, which the band's merge weighs by 0.
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m[:, None])
+    denom = tl.sum(p, 1)
+    has = denom > 0.0
+    denom = tl.where(has, denom, 1.0)
+    o = tl.dot(p.to(v.dtype), v) / denom[:, None]
+    tl.store(Out + out_off + i[:, None] * stride_ot + d[None, :], o.to(Out.dtype.element_ty), mask=ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * T + i, tl.where(has, m + tl.log2(denom), float("-inf")), mask=ok)
+
+
+@_jit
+def _band_fwd_kernel(
+    Q, K, V, Out, LSE, qk_scale,
+    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
+    H, T, L,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start = tl.program_id(0) * BLOCK_M
+    # Heads in reverse launch order: the first band programs find the heads the strided kernel touched last in L2.
+    bh = tl.num_programs(1) - 1 - tl.program_id(1)
+    in_off = (bh // H).to(tl.int64) * stride_ib + (bh % H).to(tl.int64) * stride_ih
+    out_off = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
+    Q += in_off
+    K += in_off
+    V += in_off
+    LSE += bh.to(tl.int64) * T
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
+    # A finite floor for the running max: a key tile can hold no kept key for some rows (the band's first tile for
+    # the block's last rows), and -inf - -inf would poison the rescale.
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    lo = tl.maximum(start - L + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(start + BLOCK_M, T)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < T
+        k = tl.load(K + cols[:, None] * stride_it + d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * stride_it + d[None, :], mask=col_ok[:, None], other=0.0)
+        diff = rows[:, None] - cols[None, :]
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where((diff >= 0) & (diff < L) & col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Merge with the strided kernel's (o, lse) of the same rows; rows past T have l_i = 0 and are not stored.
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    lse_b = m_i + tl.log2(l_i)
+    out_ptr = Out + out_off + rows[:, None] * stride_ot + d[None, :]
+    o_s = tl.load(out_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    lse_s = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
+    m = tl.maximum(lse_b, lse_s)
+    w_b = tl.exp2(lse_b - m)
+    w_s = tl.exp2(lse_s - m)
+    w = w_b + w_s
+    o = (acc * (w_b / (l_i * w))[:, None]) + o_s * (w_s / w)[:, None]
+    tl.store(out_ptr, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + rows, m + tl.log2(w), mask=row_ok)
+
+
+@_jit
+def _strided_bwd_kernel(
+    Q, K, V, Out, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
+    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
+    H, T, L,
+    HEAD_DIM: tl.constexpr, NP: tl.constexpr, RS: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    in_off = (bh // H).to(tl.int64) * stride_ib + (bh % H).to(tl.int64) * stride_ih
+    out_off = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
+    i, ok, keep = _strided_rows(T, L, NP, RS)
+    d = tl.arange(0, HEAD_DIM)
+    in_ptr = in_off + i[:, None] * stride_it + d[None, :]
+    out_ptr = out_off + i[:, None] * stride_ot + d[None, :]
+    q = tl.load(Q + in_ptr, mask=ok[:, None], other=0.0)
+    k = tl.load(K + in_ptr, mask=ok[:, None], other=0.0)
+    v = tl.load(V + in_ptr, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + out_ptr, mask=ok[:, None], other=0.0)
+    o = tl.load(Out + out_ptr, mask=ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + i, mask=ok, other=0.0)
+    # Every row is in exactly one strided tile, so this is where the band kernel's delta comes from too.
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * T + i, delta, mask=ok)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+    ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(q.dtype)
+    tl.store(DV + out_ptr, tl.dot(tl.trans(p.to(do.dtype)), do).to(DV.dtype.element_ty), mask=ok[:, None])
+    tl.store(DK + out_ptr, (tl.dot(tl.trans(ds), q) * sm_scale).to(DK.dtype.element_ty), mask=ok[:, None])
+    tl.store(DQ + out_ptr, (tl.dot(ds, k) * sm_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
+
+
+@_jit
+def _band_bwd_kernel(
+    Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
+    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
+    H, T, L,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Adds the band pairs' gradients to the strided kernel's dQ, dK, dV: key block pid*BLOCK_N's dK, dV, then
+    query block pid*BLOCK_M's dQ."""
+    pid = tl.program_id(0)
+    bh = tl.num_programs(1) - 1 - tl.program_id(1)  # reverse order, as in the forward pass
+    in_off = (bh // H).to(tl.int64) * stride_ib + (bh % H).to(tl.int64) * stride_ih
+    out_off = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
+    Q += in_off
+    K += in_off
+    V += in_off
+    DO += out_off
+    DQ += out_off
+    DK += out_off
+    DV += out_off
+    LSE += bh.to(tl.int64) * T
+    Delta += bh.to(tl.int64) * T
+    d = tl.arange(0, HEAD_DIM)
+
+    # dK, dV, key-major: the queries j <= i < j + l of the key block, over whole query tiles.
+    n0 = pid * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < T
+    k = tl.load(K + cols[:, None] * stride_it + d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + cols[:, None] * stride_it + d[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    for m0 in range(n0, tl.minimum(n0 + BLOCK_N + L - 1, T), BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < T
+        q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_ot + d[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+        diff = rows[None, :] - cols[:, None]
+        st = tl.dot(k, tl.trans(q)) * qk_scale
+        pt = tl.where((diff >= 0) & (diff < L) & row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)
+    kv_ptr = cols[:, None] * stride_ot + d[None, :]
+    dk = dk * sm_scale + tl.load(DK + kv_ptr, mask=col_ok[:, None], other=0.0).to(tl.float32)
+    dv += tl.load(DV + kv_ptr, mask=col_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + kv_ptr, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + kv_ptr, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+    # dQ, query-major: the key tiles reaching back l positions, as in the forward pass.
+    start = pid * BLOCK_M
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_ot + d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    lo = tl.maximum(start - L + 1, 0) // BLOCK_N * BLOCK_N
+    for j0 in range(lo, tl.minimum(start + BLOCK_M, T), BLOCK_N):
+        keys = j0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < T
+        kk = tl.load(K + keys[:, None] * stride_it + d[None, :], mask=key_ok[:, None], other=0.0)
+        vv = tl.load(V + keys[:, None] * stride_it + d[None, :], mask=key_ok[:, None], other=0.0)
+        diff = rows[:, None] - keys[None, :]
+        s = tl.dot(q, tl.trans(kk)) * qk_scale
+        p = tl.where((diff >= 0) & (diff < L) & key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(vv)) - delta[:, None])
+        dq += tl.dot(ds.to(kk.dtype), kk)
+    q_ptr = rows[:, None] * stride_ot + d[None, :]
+    dq = dq * sm_scale + tl.load(DQ + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + q_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch. Fixed configurations (no autotuning: compile time counts), 64-row blocks everywhere.
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _strided_plan(T: int, stride: int) -> tuple[int, int]:
+    """(NP, RS): NP = next_pow2(T / l) rows per residue class, RS classes per tile so that a tile has >= 64 rows."""
+    np_ = _next_pow2(-(-T // stride))
+    return np_, max(1, BLOCK // np_)
+
+
+def _num_warps(rows: int, head_dim: int) -> int:
+    return 4 if rows * head_dim <= BLOCK * 64 else 8
+
+
+def triton_unsupported(q: torch.Tensor, stride: int, mode: str = "sparse", dropout_p: float = 0.0) -> str | None:
+    """Why the Triton path cannot take this call, or None if it can."""
+    T, hs = q.size(-2), q.size(-1)
+    if mode != "sparse":
+        return f"mode {mode!r} has no fast kernel (only 'sparse')"
+    if dropout_p > 0.0:
+        return "attention dropout is only in the reference path"
+    if not q.is_cuda or not triton_available():
+        return "needs CUDA and Triton"
+    if q.dtype not in TRITON_DTYPES:
+        return f"dtype {q.dtype} (needs bfloat16 or float16)"
+    if hs not in TRITON_HEAD_DIMS:
+        return f"head dim {hs} (needs one of {TRITON_HEAD_DIMS})"
+    np_, rs = _strided_plan(T, stride)
+    if np_ * rs * hs > MAX_STRIDED_TILE:
+        return f"T={T}, stride={stride}, head dim {hs} (needs next_pow2(T / stride) * head dim <= {MAX_STRIDED_TILE})"
+    return None
+
+
+def _io_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _hsa_forward(q, k, v, stride):
+    B, H, T, D = q.shape
+    o = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
+    qk_scale = LOG2E / math.sqrt(D)
+    args = (q, k, v, o, lse, qk_scale, *_io_strides(q), *_io_strides(o), H, T, stride)
+    np_, rs = _strided_plan(T, stride)
+    _strided_fwd_kernel[(-(-stride // rs), B * H)](
+        *args, HEAD_DIM=D, NP=np_, RS=rs, num_warps=_num_warps(np_ * rs, D), num_stages=1
+    )
+    _band_fwd_kernel[(-(-T // BLOCK), B * H)](
+        *args, HEAD_DIM=D, BLOCK_M=BLOCK, BLOCK_N=BLOCK, num_warps=_num_warps(BLOCK, D), num_stages=3 if D <= 64 else 2
+    )
+    return o, lse
+
+
+def _hsa_backward(q, k, v, o, lse, do, stride):
+    B, H, T, D = q.shape
+    if do.stride() != o.stride():
+        do = do.contiguous()
+    dq, dk, dv = torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
+    delta = torch.empty_like(lse)
+    sm_scale = 1.0 / math.sqrt(D)
+    strides = (*_io_strides(q), *_io_strides(o), H, T, stride)
+    np_, rs = _strided_plan(T, stride)
+    _strided_bwd_kernel[(-(-stride // rs), B * H)](
+        q, k, v, o, do, dq, dk, dv, lse, delta, sm_scale * LOG2E, sm_scale, *strides,
+        HEAD_DIM=D, NP=np_, RS=rs, num_warps=_num_warps(np_ * rs, D), num_stages=1,
+    )  # fmt: skip
+    _band_bwd_kernel[(-(-T // BLOCK), B * H)](
+        q, k, v, do, dq, dk, dv, lse, delta, sm_scale * LOG2E, sm_scale, *strides,
+        HEAD_DIM=D, BLOCK_M=BLOCK, BLOCK_N=BLOCK, num_warps=_num_warps(BLOCK, D), num_stages=2 if D <= 64 else 1,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _same_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernels take one set of strides for q, k, v (the model's are views of one c_attn output, so they match)
+    and need a unit stride along the head dim."""
+    if q.stride(-1) == 1 and q.stride() == k.stride() == v.stride():
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+class _HSAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, stride):
+        q, k, v = _same_layout(q, k, v)
+        o, lse = _hsa_forward(q, k, v, stride)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.stride = stride
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _hsa_backward(q, k, v, o, lse, do, ctx.stride)
+        return dq, dk, dv, None
+
+
+@torch.compiler.disable  # eager inside compiled models: dynamo would otherwise trace into the launch code
+def hsa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int) -> torch.Tensor:
+    """Mode 'sparse' HSA computing only the kept pairs (forward and backward). q, k, v: (B, nh, T, hs) on CUDA
+    (or CPU tensors under TRITON_INTERPRET=1); bf16/fp16 (fp32 runs with TF32 dots on a GPU)."""
+    _check(q.size(-2), stride, "sparse")
+    return _HSAFunction.apply(q, k, v, stride)
+
+
+IMPLS: dict[str, Callable[..., torch.Tensor]] = {"triton": hsa_attention_triton, "ref": hsa_attention_ref}
+
+
+def hsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    stride: int,
+    mode: str = "sparse",
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """HSA through the fastest implementation that can run this call (backend 'auto'), or the one named."""
+    why_not = triton_unsupported(q, stride, mode, dropout_p)
+    if backend == "triton" and why_not is not None:
+        raise RuntimeError(f"hsa backend 'triton' cannot run this call: {why_not}; use 'ref' or 'auto'")
+    name = select(IMPLS, backend, {"triton": lambda: why_not is None})
+    if name == "triton":
+        return hsa_attention_triton(q, k, v, stride)
+    return hsa_attention_ref(q, k, v, stride, mode, dropout_p)
+
+
+def make_hsa_attend(stride: int, mode: str = "sparse", backend: str = "auto") -> Callable[..., torch.Tensor]:
+    """An attention function with the signature of model.gpt.causal_attention, for CausalSelfAttention.attend."""
+    if mode not in MODES:
+        raise ValueError(f"hsa mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if stride < 1:
+        raise ValueError(f"hsa stride must be >= 1, got {stride}")
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+        return hsa_attention(q, k, v, stride, mode, dropout_p, backend)
+
+    return attend

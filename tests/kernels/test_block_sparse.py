@@ -1,0 +1,310 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import block_sparse as bs
+from kernels.block_sparse import (
+    BlockSparseLinear,
+    block_scores,
+    block_sparse_linear,
+    build_block_mask_info,
+    expand_block_mask,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _random_mask(rows: int, cols: int, density: float) -> torch.Tensor:
+    mask = torch.rand(rows, cols) < density
+    mask[0] = False  # an empty row block: its outputs must be zero (plus bias)
+    mask[1, 0] = True
+    return mask
+
+
+def _masked_dense_grads(x, w, b, emask, dy):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = F.linear(x, w * emask, b)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_reference_is_masked_dense_matmul(block):
+    out_f, in_f = 3 * block, 2 * block
+    mask = _random_mask(3, 2, 0.5)
+    emask = expand_block_mask(mask, block).float()
+    x = torch.randn(2, 5, in_f)
+    w, b, dy = torch.randn(out_f, in_f), torch.randn(out_f), torch.randn(2, 5, out_f)
+    want_y, want_dx, want_dw, want_db = _masked_dense_grads(x, w, b, emask, dy)
+    info = build_block_mask_info(mask, block)
+    for dense_wgrad in (False, True):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = block_sparse_linear(xs, ws, bs, info, backend="ref", dense_wgrad=dense_wgrad)
+        y.backward(dy)
+        torch.testing.assert_close(y, want_y)
+        torch.testing.assert_close(xs.grad, want_dx)
+        torch.testing.assert_close(bs.grad, want_db)
+        if dense_wgrad:
+            torch.testing.assert_close(ws.grad, dy.reshape(-1, out_f).t() @ x.reshape(-1, in_f))
+        else:
+            torch.testing.assert_close(ws.grad, want_dw)
+            assert (ws.grad[emask == 0] == 0).all()
+            assert (ws.grad[emask == 1] != 0).all()
+
+
+def test_index_lists_hand_case_grouped_by_row():
+    mask = torch.tensor([[1, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    info = build_block_mask_info(mask, 128)  # G = 256 // 128 = 2
+    assert info.row_ptr.tolist() == [0, 2, 2] and info.row_cols.tolist() == [0, 2]
+    assert info.col_ptr.tolist() == [0, 1, 1, 2] and info.col_rows.tolist() == [0, 0]
+    assert info.row_order.tolist() == [0, 1] and info.col_order.tolist() == [0, 2, 1]
+    assert info.blk_rows.tolist() == [0, 0] and info.blk_cols.tolist() == [0, 2]
+    assert info.block_id.tolist() == [[0, -1, 1], [-1, -1, -1]]
+    assert info.by_row and info.group == 2 and info.nnz == 2 and info.shape == (256, 384)
+    assert info.task_fixed.tolist() == [0]
+    assert info.task_other.tolist() == [[0, 2]] and info.task_ids.tolist() == [[0, 1]]
+    assert all(t.dtype == torch.int32 for t in (info.row_ptr, info.row_cols, info.col_rows, info.task_ids))
+
+
+def test_index_lists_hand_case_grouped_by_column():
+    mask = torch.tensor([[1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    info = build_block_mask_info(mask, 128)
+    # row-major compact ids: (0,0)=0 (0,1)=1 (1,1)=2 (2,0)=3 (2,1)=4; columns are the longer lists (3 rows > 2 cols)
+    assert not info.by_row
+    assert info.col_ptr.tolist() == [0, 2, 5] and info.col_rows.tolist() == [0, 2, 0, 1, 2]
+    assert info.task_fixed.tolist() == [0, 1, 1]
+    assert info.task_other.tolist() == [[0, 2], [0, 1], [2, 2]]  # padding repeats slot 0 and is never stored
+    assert info.task_ids.tolist() == [[0, 3], [1, 2], [4, -1]]
+
+
+def test_block_scores_and_expand_hand_case():
+    t = torch.tensor([[1.0, -2.0, 0.0, 0.0], [3.0, 4.0, 0.0, -1.0], [0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(block_scores(t, 2), torch.tensor([[10.0, 1.0], [0.0, 5.0]]))
+    torch.testing.assert_close(block_scores(t, 2, "mean"), torch.tensor([[2.5, 0.25], [0.0, 1.25]]))
+    torch.testing.assert_close(block_scores(t, 2, "l2"), torch.tensor([[30.0**0.5, 1.0], [0.0, 5.0]]))
+    with pytest.raises(ValueError, match="reduce"):
+        block_scores(t, 2, "max")
+    em = expand_block_mask(torch.tensor([[True, False], [False, True]]), 2)
+    assert em.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_module_keeps_linear_names_and_matches_reference():
+    lin = nn.Linear(64, 96)
+    mod = BlockSparseLinear.from_dense(lin, block=32)
+    assert mod.weight is lin.weight and mod.bias is lin.bias
+    assert list(mod.state_dict()) == list(lin.state_dict()) and not list(mod.buffers())
+    x = torch.randn(4, 7, 64)
+    torch.testing.assert_close(mod(x), lin(x))  # all-ones mask by default
+    mask = _random_mask(3, 2, 0.5)
+    mod.set_block_mask(mask)
+    want = F.linear(x, lin.weight * expand_block_mask(mask, 32), lin.bias)
+    torch.testing.assert_close(mod(x), want)
+    assert list(mod.state_dict()) == ["weight", "bias"]
+    with pytest.raises(ValueError, match="shape"):
+        mod.set_block_mask(torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="divisible"):
+        BlockSparseLinear(64, 100, block=32)
+    with pytest.raises(ValueError, match="block size"):
+        build_block_mask_info(mask, 16)
+
+
+def test_autocast_keeps_fp32_masters_and_grads_in_their_dtype():
+    """Under autocast the op sees F.linear's bf16 operands, returns bf16, and the fp32 weight/bias get fp32 grads
+    (the Triton path writes dW in the weight's dtype; the reference goes through the same autograd function)."""
+    torch.manual_seed(0)
+    mod = BlockSparseLinear(64, 96, block=32, backend="ref")
+    mask = _random_mask(3, 2, 0.5)
+    mod.set_block_mask(mask)
+    x = torch.randn(2, 5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mod(x)
+        want = F.linear(x, mod.weight * expand_block_mask(mask, 32), mod.bias)
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want)
+    y.float().sum().backward()
+    assert mod.weight.grad.dtype == torch.float32 and mod.bias.grad.dtype == torch.float32
+    assert (mod.weight.grad[expand_block_mask(mask, 32) == 0] == 0).all()
+    x16 = x.reshape(-1, 64).to(torch.bfloat16).float()
+    want_dw = expand_block_mask(mask, 32) * x16.sum(0).expand(96, 64)
+    torch.testing.assert_close(mod.weight.grad, want_dw, rtol=1e-2, atol=1e-2)  # bf16 GEMM output
+
+
+def test_named_triton_backend_raises_when_it_cannot_run():
+    if torch.cuda.is_available():
+        pytest.skip("triton can run here")
+    info = build_block_mask_info(torch.ones(1, 1, dtype=torch.bool), 32)
+    with pytest.raises(RuntimeError, match="cannot run"):
+        block_sparse_linear(torch.randn(3, 32), torch.randn(32, 32), None, info, backend="triton")
+
+
+# The Triton kernels in the interpreter. It must be switched on before triton is imported, so this runs in a child
+# process. The interpreter's tl.dot is wrong for bf16 (it multiplies the raw bits), so this checks fp32 math; bf16 is
+# checked on the GPU below. Its fp32 -> bf16 cast truncates where compiled Triton rounds to nearest even, so the
+# packed bf16 blocks are checked to one bf16 ulp. Triton 3.6's
+# interpreter calls int() on 1-element arrays for runtime loop bounds, which numpy >= 2.3 rejects: the shim reads
+# the element instead. Cases: M not a multiple of the 16-row interpreter tile (wrapped rows), dW split-K into the
+# full fp32 dW (atomics), into the compact buffer + cast pass (fp64/bf16 results), and unsplit (direct stores).
+_INTERPRETER_CHECK = textwrap.dedent(
+    """
+    import torch
+    import triton.runtime.interpreter as interp
+
+    _orig = interp._patch_lang_tensor
+
+    def _patch(tensor, scope):
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = _patch
+
+    from kernels import block_sparse as bs
+
+    torch.manual_seed(0)
+    for m, out_f, in_f, block, splits in [(40, 64, 96, 32, None), (80, 96, 64, 32, 3), (50, 128, 64, 64, 2),
+                                          (64, 64, 128, 32, 1)]:
+        mask = torch.rand(out_f // block, in_f // block) < 0.6
+        mask[0] = False
+        mask[1, 0] = True
+        info = bs.build_block_mask_info(mask, block)
+        x, w, b = torch.randn(m, in_f), torch.randn(out_f, in_f), torch.randn(out_f)
+        dy = torch.randn(m, out_f)
+        packed = bs.pack_blocks(w, info, torch.bfloat16)
+        blocks = w.to(torch.bfloat16).view(out_f // block, block, in_f // block, block).transpose(1, 2)[mask]
+        torch.testing.assert_close(packed, blocks, rtol=2**-7, atol=0)
+        want_dw = bs.dw_ref(dy, x, info)
+        pairs = [
+            (bs.fwd_triton(x, w, b, info), bs.fwd_ref(x, w, b, info)),
+            (bs.dx_triton(dy, w, info), bs.dx_ref(dy, w, info)),
+            (bs.dw_triton(dy, x, info, splits=splits), want_dw),
+            (bs.dw_triton(dy, x, info, torch.float64, splits=splits), want_dw),
+        ]
+        xs, ws, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        y = bs.block_sparse_linear(xs, ws, bb, info, backend="triton")
+        y.backward(dy)
+        pairs += [(y, pairs[0][1]), (xs.grad, pairs[1][1]), (ws.grad, want_dw), (bb.grad, dy.sum(0))]
+        for got, want in pairs:
+            torch.testing.assert_close(got.to(want.dtype), want, rtol=1e-4, atol=1e-4)
+        dw16 = bs.dw_triton(dy, x, info, torch.bfloat16, splits=splits)
+        assert dw16.dtype == torch.bfloat16
+        torch.testing.assert_close(dw16, want_dw.to(torch.bfloat16))
+    print("ok")
+    """
+)
+
+
+@pytest.mark.slow  # ~8 s on 2 CPU cores
+def test_triton_kernels_match_reference_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: the Triton path against the reference (fp32 math on the same bf16 inputs)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("m", [1000, 4096])
+def test_triton_matches_reference_bf16(block, density, m):
+    out_f, in_f = 6 * block, 4 * block
+    mask = torch.rand(6, 4) < density
+    info = build_block_mask_info(mask, block, "cuda")
+    x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) / in_f**0.5
+    b = torch.randn(out_f, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, out_f, device="cuda", dtype=torch.bfloat16)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    y = block_sparse_linear(xs, ws, bs, info, backend="triton")
+    y.backward(dy)
+    xr, wr, br = (t.float().requires_grad_() for t in (x, w, b))
+    yr = block_sparse_linear(xr, wr, br, info, backend="ref")
+    yr.backward(dy.float())
+    for got, want in [(y, yr), (xs.grad, xr.grad), (ws.grad, wr.grad), (bs.grad, br.grad)]:
+        if want.abs().max() == 0:
+            assert (got == 0).all()
+        else:
+            assert _rel_err(got, want) < 2e-2
+    assert (ws.grad[expand_block_mask(mask.cuda(), block) == 0] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [64, 128])
+def test_triton_fp32_masters_under_autocast_match_reference(block):
+    """The trainer's case: fp32 params, bf16 autocast. Same math as the reference on the bf16-rounded operands;
+    the grads come back fp32 (dW straight from the split-K atomics into the full fp32 buffer)."""
+    torch.manual_seed(2)
+    out_f, in_f, m = 8 * block, 4 * block, 4096
+    mask = torch.rand(8, 4) < 0.3
+    mask[0, 0] = True
+    info = build_block_mask_info(mask, block, "cuda")
+    x = torch.randn(m, in_f, device="cuda")
+    w = (torch.randn(out_f, in_f, device="cuda") / in_f**0.5).requires_grad_()
+    b = torch.randn(out_f, device="cuda").requires_grad_()
+    dy = torch.randn(m, out_f, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = block_sparse_linear(x, w, b, info, backend="triton")
+    assert y.dtype == torch.bfloat16
+    y.backward(dy)
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    xr, wr, br = (t.detach().to(torch.bfloat16).float().requires_grad_() for t in (x, w, b))
+    yr = block_sparse_linear(xr, wr, br, info, backend="ref")
+    yr.backward(dy.float())
+    for got, want in [(y, yr), (w.grad, wr.grad), (b.grad, br.grad)]:
+        assert _rel_err(got, want) < 2e-2
+    assert (w.grad[expand_block_mask(mask.cuda(), block) == 0] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_dw_paths_bf16(splits, dtype):
+    """dW with and without split-K, into fp32 (direct) and bf16 (compact + cast pass), both grouping axes."""
+    torch.manual_seed(3)
+    for rows, cols in [(6, 2), (2, 6)]:
+        mask = torch.rand(rows, cols) < 0.5
+        mask[0, 0] = True
+        info = build_block_mask_info(mask, 64, "cuda")
+        x = torch.randn(3000, cols * 64, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(3000, rows * 64, device="cuda", dtype=torch.bfloat16)
+        got = bs.dw_triton(dy, x, info, dtype, splits=splits)
+        assert got.dtype == dtype
+        assert _rel_err(got, bs.dw_ref(dy.float(), x.float(), info)) < 2e-2
+
+
+@pytest.mark.gpu
+def test_module_on_gpu_under_autocast_with_dense_wgrad():
+    torch.manual_seed(1)
+    mod = BlockSparseLinear(256, 512, bias=False, block=64).cuda()
+    mask = torch.rand(8, 4) < 0.4
+    mask[0, 0] = True
+    mod.set_block_mask(mask)
+    x = torch.randn(3, 700, 256, device="cuda")
+    emask = expand_block_mask(mask, 64).cuda().float()
+    for dense_wgrad in (False, True):
+        mod.dense_wgrad = dense_wgrad
+        mod.weight.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = mod(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (3, 700, 512)
+        y.float().square().sum().backward()
+        assert mod.weight.grad.dtype == torch.float32
+        w = mod.weight.detach().clone().requires_grad_()
+        yr = F.linear(x, w * emask)
+        yr.square().sum().backward()
+        assert _rel_err(y, yr) < 2e-2
+        want = w.grad if not dense_wgrad else (2 * yr.detach()).reshape(-1, 512).t() @ x.reshape(-1, 256)
+        assert _rel_err(mod.weight.grad, want) < 3e-2

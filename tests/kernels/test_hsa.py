@@ -1,0 +1,193 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kernels.hsa_attention import (
+    MODES,
+    hsa_attention,
+    hsa_attention_ref,
+    hsa_attention_triton,
+    hsa_density,
+    hsa_mask,
+    make_hsa_attend,
+)
+from model.gpt import GPT, GPTConfig, causal_attention
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_sparse_mask_T8_l3_by_hand():
+    rows = [{0}, {0, 1}, {0, 1, 2}, {0, 1, 2, 3}, {1, 2, 3, 4}, {2, 3, 4, 5}, {0, 3, 4, 5, 6}, {1, 4, 5, 6, 7}]
+    expected = torch.tensor([[j in row for j in range(8)] for row in rows])
+    assert torch.equal(hsa_mask(8, 3, "sparse"), expected)
+
+
+@pytest.mark.parametrize("stride, nnz", [(128, 126_528), (256, 231_040)])
+def test_sparse_nnz_T1024(stride, nnz):
+    assert int(hsa_mask(1024, stride).sum()) == nnz
+
+
+def test_fixed_mask_T8_l4():
+    m = hsa_mask(8, 4, "fixed")
+    causal = torch.ones(8, 8).tril().bool()
+    block = torch.zeros(8, 8, dtype=torch.bool)
+    block[:4, :4] = block[4:, 4:] = True
+    expected = causal & block
+    expected[4:, 3] = True
+    assert torch.equal(m, expected)
+    with pytest.raises(ValueError, match="T % stride"):
+        hsa_mask(10, 4, "fixed")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("T, stride", [(64, 8), (96, 7), (100, 128)])
+def test_density_counts_the_mask(mode, T, stride):
+    if mode == "fixed" and T % stride:
+        pytest.skip("fixed needs T % stride == 0")
+    assert hsa_density(T, stride, mode) == pytest.approx(int(hsa_mask(T, stride, mode).sum()) / (T * (T + 1) / 2))
+
+
+def test_mask_is_cached_per_key():
+    assert hsa_mask(32, 4, "local") is hsa_mask(32, 4, "local", "cpu")
+    assert hsa_mask(32, 4, "local") is not hsa_mask(32, 4, "strided")
+
+
+def _qkv(B=2, H=2, T=16, D=8, dtype=torch.float32):
+    return [torch.randn(B, H, T, D, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ref_equals_hand_masked_softmax(mode):
+    T, stride = 16, 4
+    q, k, v = _qkv(T=T)
+    out = hsa_attention_ref(q, k, v, stride, mode)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    scores = q2 @ k2.transpose(-1, -2) / q2.size(-1) ** 0.5
+    scores = scores.masked_fill(~hsa_mask(T, stride, mode), float("-inf"))
+    expected = torch.softmax(scores, dim=-1) @ v2
+    expected_grads = torch.autograd.grad(expected, (q2, k2, v2), dout)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_stride_at_least_T_is_dense_causal():
+    q, k, v = _qkv(T=24)
+    torch.testing.assert_close(hsa_attention_ref(q, k, v, 24), causal_attention(q, k, v), atol=1e-6, rtol=1e-5)
+
+
+def test_dispatch_on_cpu():
+    q, k, v = _qkv()
+    torch.testing.assert_close(hsa_attention(q, k, v, 4), hsa_attention_ref(q, k, v, 4))
+    with pytest.raises(RuntimeError, match="cannot run"):
+        hsa_attention(q, k, v, 4, backend="triton")
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        hsa_attention(q, k, v, 4, backend="cuda")
+
+
+def test_make_hsa_attend_plugs_into_gpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(preset="tiny", block_size=32, vocab_size=64))
+    idx = torch.randint(0, 64, (2, 32))
+    dense_logits = model(idx, idx)[0]
+    for block in model.transformer.h:
+        block.attn.attend = make_hsa_attend(32, "sparse")  # stride >= T keeps every causal pair
+    torch.testing.assert_close(model(idx, idx)[0], dense_logits, atol=1e-5, rtol=1e-5)
+    for block in model.transformer.h:
+        block.attn.attend = make_hsa_attend(4, "sparse")
+    assert not torch.allclose(model(idx, idx)[0], dense_logits, atol=1e-3)
+    with pytest.raises(ValueError, match="mode"):
+        make_hsa_attend(4, "bigbird")
+
+
+# The Triton kernel under the CPU interpreter, in a subprocess so TRITON_INTERPRET never reaches other tests.
+# q, k, v are strided views of one (B, T, 3, nh, hs) tensor, as the model's c_attn split makes them.
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.runtime.interpreter as interp
+    import torch
+
+    # triton 3.6's interpreter calls int() on a 1-element array, which numpy >= 2.4 refuses (loops over a runtime
+    # bound die with "only 0-dimensional arrays can be converted"); take the element instead.
+    _patch = interp._patch_lang_tensor
+    def _patch_lang_tensor(tensor, scope):
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    interp._patch_lang_tensor = _patch_lang_tensor
+
+    from kernels.hsa_attention import _HSAFunction, hsa_attention_ref
+    torch.manual_seed(0)
+    # (B, H, T, l, hs): l below, at and above the 64-row block, T ragged against l and the block, l not a power of
+    # two, l = 1, l > T, and a tile of 128 residue rows (T / l > 64).
+    cases = [(2, 2, 64, 8, 16), (1, 1, 100, 16, 16), (1, 1, 200, 32, 32), (1, 1, 257, 64, 16), (1, 1, 512, 64, 16),
+             (1, 1, 130, 48, 16), (1, 1, 300, 3, 16), (1, 1, 40, 1, 16), (1, 1, 90, 128, 16), (1, 1, 520, 5, 16)]
+    for B, H, T, l, D in cases:
+        base = torch.randn(B, T, 3, H, D)
+        qkv = base.clone().requires_grad_()
+        q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
+        out = _HSAFunction.apply(q, k, v, l)
+        dout = torch.randn_like(out)
+        out.backward(dout)
+        ref_in = [base[:, :, n].transpose(1, 2).clone().requires_grad_() for n in range(3)]
+        ref = hsa_attention_ref(*ref_in, l)
+        ref.backward(dout)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        for n in range(3):
+            torch.testing.assert_close(qkv.grad[:, :, n].transpose(1, 2), ref_in[n].grad, atol=1e-5, rtol=1e-4)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.slow
+def test_triton_kernel_matches_ref_in_interpreter():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.float() - ref).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "T, stride, hs", [(1024, 64, 64), (256, 16, 64), (512, 128, 128), (1000, 48, 64), (2048, 64, 64), (1024, 16, 128)]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_matches_ref_on_gpu(T, stride, hs, dtype):
+    """Triton vs fp32 masked SDPA, allowed twice the error of the same SDPA run in low precision."""
+    B, H = 2, 4
+    q, k, v = (torch.randn(B, H, T, hs, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    dout = torch.randn(B, H, T, hs, device="cuda", dtype=dtype)
+    fp32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = hsa_attention_ref(*fp32, stride)
+    ref_grads = torch.autograd.grad(ref, fp32, dout.float())
+    low = hsa_attention_ref(q, k, v, stride)
+    low_grads = torch.autograd.grad(low, (q, k, v), dout)
+    out = hsa_attention(q, k, v, stride, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3
+    for name, g, g_low, g_ref in zip("qkv", grads, low_grads, ref_grads):
+        assert _max_err(g, g_ref) <= 2 * _max_err(g_low, g_ref) + 1e-3, f"d{name}"
+
+
+@pytest.mark.gpu
+def test_auto_picks_triton_on_gpu_and_ref_otherwise():
+    q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    torch.testing.assert_close(hsa_attention(q, k, v, 16), hsa_attention_triton(q, k, v, 16), atol=0, rtol=0)
+    ref = hsa_attention_ref(q, k, v, 16, "local")
+    torch.testing.assert_close(hsa_attention(q, k, v, 16, "local"), ref, atol=0, rtol=0)

@@ -1,0 +1,188 @@
+"""The 2of4 method driven through the trainer's hook order on a tiny GPT (spec 2of4.md §11, items 4-6, 9, 10)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.semi24 import Linear24, SparseMLP24, mask_from_index, transposable_search_ref
+from model.gpt import GPT, GPTConfig
+from sparsity.semi24 import Semi24, Semi24Config, choose_decay
+
+LR = 1e-2  # large, so a tiny model's masks move within a few steps
+
+
+def _setup(steps=12, seed=0, init_seed=0, **knobs):
+    torch.manual_seed(init_seed)
+    mcfg = GPTConfig(preset="tiny", block_size=16, vocab_size=64)
+    model = GPT(mcfg)
+    method = Semi24(Semi24Config(backend="ref", **knobs), mcfg, total_steps=steps, seed=seed)
+    model = method.attach(model)
+    opt = model.configure_optimizer(weight_decay=0.1, lr=LR, betas=(0.9, 0.95), device_type="cpu")
+    return model, method, opt
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randint(0, 64, (4, 16), generator=g)
+    return x, torch.roll(x, -1, 1)
+
+
+def _train(model, method, opt, start, stop, grad_accum=2):
+    """The trainer's order per optimizer step (HELPERS.md); returns losses, masks and m(w_t) after each step."""
+    losses, masks, shadows = [], [], []
+    for step in range(start, stop):
+        method.on_step_start(step)
+        method.flop_profile(step)
+        for _ in range(grad_accum):
+            x, y = _batch(step)
+            _, loss = model(x, y)
+            (loss / grad_accum).backward()
+            losses.append(loss.item())
+        method.after_backward(step)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if method.before_optimizer_step(step, opt):
+            opt.step()
+        method.after_optimizer_step(step, opt)
+        opt.zero_grad(set_to_none=True)
+        masks.append({n: m.mask_index.clone() for n, m in method.layers.items()})
+        shadows.append({n: transposable_search_ref(m.weight) for n, m in method.layers.items()})
+        method.metrics()
+    return losses, masks, shadows
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="2of4.mask_interval"):
+        Semi24Config(mask_interval=0)
+    with pytest.raises(ValueError, match="2of4.decay"):
+        Semi24Config(decay="lots")
+    with pytest.raises(ValueError, match="2of4.backend"):
+        Semi24Config(backend="cuda")
+    assert Semi24Config(decay="2e-4").decay == 2e-4
+
+
+def test_decay_defaults_by_size():
+    for preset, lam in [("gpt2", 6e-5), ("gpt2-medium", 2e-4), ("gpt2-large", 6e-5), ("gpt2-xl", 2e-4)]:
+        assert Semi24(Semi24Config(), GPTConfig(preset=preset), 100).decay == lam
+
+
+def test_attach_swaps_only_ffn_and_keeps_keys():
+    mcfg = GPTConfig(preset="tiny", block_size=16, vocab_size=64)
+    dense_keys = set(GPT(mcfg).state_dict())
+    model, method, _ = _setup()
+    assert set(model.state_dict()) == dense_keys
+    swapped = {n for n, m in model.named_modules() if isinstance(m, Linear24)}
+    assert swapped == {f"transformer.h.{i}.mlp.{k}" for i in range(2) for k in ("c_fc", "c_proj")}
+    for m in method.layers.values():
+        assert (m.mask.reshape(-1, 4).sum(1) == 2).all() and (m.mask.t().reshape(-1, 4).sum(1) == 2).all()
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_cuda_graph_knob_wraps_only_fully_sparse_mlps(cuda_graph):
+    mcfg = GPTConfig(preset="tiny", block_size=16, vocab_size=64)
+    dense_keys = set(GPT(mcfg).state_dict())
+    model, method, _ = _setup(cuda_graph=cuda_graph)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, SparseMLP24)}
+    assert wrapped == ({f"transformer.h.{i}.mlp" for i in range(2)} if cuda_graph else set())
+    assert set(model.state_dict()) == dense_keys
+    assert all(model.get_submodule(n) is m for n, m in method.layers.items())
+    model, _, _ = _setup(cuda_graph=cuda_graph, patterns=["*.mlp.c_fc"])  # c_proj dense: nothing to graph
+    assert not any(isinstance(m, SparseMLP24) for m in model.modules())
+    x, y = _batch(0)
+    model(x, y)[1].backward()  # on CPU the wrapped MLP is the eager one (resume test: bit-identical)
+
+
+def test_masked_decay_on_gradient_hand_case():
+    model, method, opt = _setup(decay=0.5)
+    m = next(iter(method.layers.values()))
+    w = m.weight.detach()
+    g = torch.randn_like(w)
+    m.weight.grad = g.clone()
+    method.on_step_start(0)
+    assert method.before_optimizer_step(0, opt)
+    torch.testing.assert_close(m.weight.grad, g + 0.5 * (~m.mask) * w, rtol=0, atol=0)
+    assert torch.equal(m.weight.grad[m.mask], g[m.mask])  # kept entries unchanged
+
+
+def test_dense_finetune_switches_at_configured_step():
+    model, method, opt = _setup(steps=12, dense_ft_fraction=0.25, decay=0.5)
+    m = next(iter(method.layers.values()))
+    x = torch.randn(3, m.in_features)
+    method.on_step_start(8)
+    assert method.phase == 0 and method.flop_profile(8).linear[next(iter(method.layers))].fwd == 0.5
+    torch.testing.assert_close(m(x), F.linear(x, m.weight * m.mask), rtol=0, atol=0)
+    method.on_step_start(9)
+    assert method.phase == 1 and method.flop_profile(9).linear == {}
+    torch.testing.assert_close(m(x), F.linear(x, m.weight), rtol=0, atol=0)
+    g = torch.randn_like(m.weight)
+    m.weight.grad = g.clone()
+    method.before_optimizer_step(9, opt)
+    assert torch.equal(m.weight.grad, g)  # no decay in the dense fine-tune
+    assert method.metrics()["2of4/phase"] == 1.0 and method.metrics()["2of4/density"] == 1.0
+
+
+def test_masks_change_only_at_refresh_and_flip_rate_is_exact():
+    model, method, opt = _setup(steps=20, mask_interval=3, decay=0.0)
+    before = {n: m.mask_index.clone() for n, m in method.layers.items()}
+    _, masks, shadows = _train(model, method, opt, 0, 5)
+    for step, ms in enumerate(masks):
+        for n, idx in ms.items():
+            prev = masks[step - 1][n] if step else before[n]
+            if (step + 1) % 3:
+                assert torch.equal(idx, prev), f"mask of {n} changed at non-refresh step {step}"
+            else:
+                assert torch.equal(idx, shadows[step][n])  # refreshed from |W| after this step's update
+    assert any(not torch.equal(masks[-1][n], before[n]) for n in before), "lr too small for masks to move"
+    # Flip rate of the last step: entries where m(w_5) and m(w_4) differ, over all weights of the sparse layers.
+    met = method.metrics()
+    flips = {n: (mask_from_index(shadows[-1][n]) != mask_from_index(shadows[-2][n])).sum().item() for n in before}
+    sizes = {n: m.weight.numel() for n, m in method.layers.items()}
+    assert met["2of4/flip_rate"] == pytest.approx(sum(flips.values()) / sum(sizes.values()))
+    for n in before:
+        assert met[f"2of4/flip_rate/{n.removeprefix('transformer.')}"] == pytest.approx(flips[n] / sizes[n])
+    assert met["2of4/flip_rate"] > 0 and met["2of4/density"] == 0.5
+
+
+def test_resume_is_bit_identical():
+    model, method, opt = _setup(steps=8, mask_interval=2, dense_ft_fraction=0.25)
+    _train(model, method, opt, 0, 3)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "method": method.state_dict()})
+    losses_a, masks_a, _ = _train(model, method, opt, 3, 8)
+
+    model2, method2, opt2 = _setup(steps=8, mask_interval=2, dense_ft_fraction=0.25, init_seed=1)  # other init
+    model2.load_state_dict(ckpt["model"])
+    method2.load_state_dict(ckpt["method"])
+    opt2.load_state_dict(ckpt["opt"])
+    losses_b, masks_b, _ = _train(model2, method2, opt2, 3, 8)
+    assert losses_a == losses_b
+    for a, b in zip(masks_a, masks_b, strict=True):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    for (na, pa), (nb, pb) in zip(model.state_dict().items(), model2.state_dict().items(), strict=True):
+        assert na == nb and torch.equal(pa, pb)
+    assert method.metrics() == method2.metrics()
+
+
+def test_choose_decay_rule():
+    t = torch.arange(100, dtype=torch.float64)
+    curves = {
+        2e-5: (t / 100).tolist(),  # still rising: exploding
+        6e-5: (torch.exp(-((t - 30) / 15) ** 2) * 0.2).tolist(),  # peaked, falling: healthy
+        2e-4: (torch.exp(-((t - 20) / 10) ** 2) * 0.1).tolist(),  # healthy too, but larger
+        6e-4: (torch.full((100,), 1e-4)).tolist(),  # frozen
+    }
+    lam, verdict = choose_decay(curves)
+    assert lam == 6e-5
+    assert verdict == {2e-5: "exploding", 6e-5: "healthy", 2e-4: "healthy", 6e-4: "frozen"}
+    assert choose_decay({1e-5: curves[2e-5], 1e-4: curves[2e-5]})[0] == 1e-4
+
+
+def test_search_decay_runs_trials_on_copies():
+    model, method, opt = _setup(decay_search=[1e-4, 1e-1], decay_search_steps=3)
+    before = copy.deepcopy(model.state_dict())
+    make_opt = lambda m: m.configure_optimizer(weight_decay=0.1, lr=LR, betas=(0.9, 0.95), device_type="cpu")
+    lam = method.search_decay(model, make_opt, (_batch(s) for s in range(3)), lr_at=lambda s: LR)
+    assert lam in (1e-4, 1e-1) and method.decay == lam
+    assert set(method.decay_curves) == {1e-4, 1e-1} and all(len(c) == 3 for c in method.decay_curves.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert method.metrics()["2of4/decay"] == lam
