@@ -13,7 +13,7 @@ from rich.console import Console
 
 from data.tokenizer import get_tokenizer
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 

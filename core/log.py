@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ class MetricsLogger:
         except ImportError:
             raise RuntimeError("--wandb needs `pip install wandb` (WANDB_MODE=offline works without network)") from None
         id_file = out_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         return wandb.init(
             project=wandb_cfg["project"],

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from data.tokenizer import TOKENIZERS, get_tokenizer
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}

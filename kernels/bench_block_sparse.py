@@ -17,36 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 import traceback
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import triton
 
 from kernels import block_sparse as bs
+from kernels.benchutil import rel_err, time_ms
 
 SHAPES = [(1024, 4096), (4096, 1024), (768, 3072), (3072, 768)]  # (in, out) of nn.Linear(in, out)
 SPARSITIES = [0.0, 0.5, 0.75, 0.9]
 TARGETS = {"1024x4096": {0.75: 2.5, 0.9: 5.0}}  # issue 8: fwd+bwd speedup over dense
 TOL = 2e-2  # bf16 inputs, fp32 accumulation: max |err| / max |ref|
-
-
-def time_ms(fn: Callable[[], object], warmup: int, reps: int, sync_each: bool = False) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-        if sync_each:
-            end.synchronize()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def random_block_mask(rows: int, cols: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
@@ -55,10 +39,6 @@ def random_block_mask(rows: int, cols: int, sparsity: float, gen: torch.Generato
     mask = torch.zeros(rows * cols, dtype=torch.bool)
     mask[torch.randperm(rows * cols, generator=gen)[:keep]] = True
     return mask.view(rows, cols)
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
 def check(x, w, dy, info) -> dict[str, float]:

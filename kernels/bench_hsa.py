@@ -11,7 +11,6 @@ so one failure is recorded and the rest still run.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
+from kernels.benchutil import rel_err, time_ms
 from kernels.hsa_attention import hsa_attention_ref, hsa_attention_triton, hsa_density
 
 CASES = [(1024, 64, 16), (1024, 128, 16), (2048, 64, 8), (2048, 128, 8)]  # (T, stride l, batch B)
@@ -28,25 +28,6 @@ QUICK_CASES = [(1024, 64, 16), (2048, 64, 8)]  # the two cases with a target (is
 N_HEAD, HEAD_DIM = 12, 64
 
 app = typer.Typer(add_completion=False)
-
-
-def _time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 def _variants(stride: int) -> dict[str, Callable[..., torch.Tensor]]:
@@ -66,9 +47,9 @@ def _check(q, k, v, do, stride: int) -> dict[str, float]:
     for name, fn in (("triton", hsa_attention_triton), ("sdpa_bf16", hsa_attention_ref)):
         out = fn(q, k, v, stride)
         grads = torch.autograd.grad(out, (q, k, v), do)
-        errs[f"{name}_out"] = _rel_err(out, ref)
+        errs[f"{name}_out"] = rel_err(out, ref)
         for g_name, g, g_ref in zip(("dq", "dk", "dv"), grads, ref_grads):
-            errs[f"{name}_{g_name}"] = _rel_err(g, g_ref)
+            errs[f"{name}_{g_name}"] = rel_err(g, g_ref)
     return errs
 
 
@@ -81,8 +62,8 @@ def _run_case(T: int, stride: int, B: int, warmup: int, iters: int) -> dict:
     for name, fn in _variants(stride).items():
         entry: dict[str, object] = {}
         try:
-            entry["fwd_ms"] = _time_ms(lambda fn=fn: fn(q, k, v), warmup, iters)
-            entry["fwd_bwd_ms"] = _time_ms(lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), do), warmup, iters)
+            entry["fwd_ms"] = time_ms(lambda fn=fn: fn(q, k, v), warmup, iters)
+            entry["fwd_bwd_ms"] = time_ms(lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), do), warmup, iters)
         except Exception as e:  # recorded; the other variants still run
             entry["error"] = f"{type(e).__name__}: {e}"
             entry["traceback"] = traceback.format_exc(limit=5)

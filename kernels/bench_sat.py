@@ -16,7 +16,6 @@ Compiled variants are skipped once the time budget is spent.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable
 
@@ -25,6 +24,7 @@ import typer
 
 from bench import RandomTokens
 from core.config import load_config
+from kernels.benchutil import time_ms
 from kernels.sliced_attention import SlicedAttention, attention_ref
 from kernels.sliced_mlp import SlicedMLP, mlp_ref
 from model.gpt import MLP, CausalSelfAttention, GPTConfig
@@ -32,21 +32,6 @@ from train import setup, train_step
 
 WIDTHS = {768: 12, 1024: 16, 1280: 20}  # GPT-2 124M / 350M / 774M: d -> heads
 B, T = 16, 1024
-
-
-def time_ms(fn: Callable[[], None], warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
@@ -101,7 +86,7 @@ def main(out: str = "results/bench_sat.json", budget_s: float = 150.0, iters: in
             return record(op=op, d=d, keep=keep, compiled=compiled, ms=None, error="skipped: time budget")
         try:
             fn = torch.compile(module) if compiled else module
-            ms = time_ms(fwd_bwd(fn, x, dy), warmup=5 if compiled else 3, iters=iters)
+            ms = time_ms(fwd_bwd(fn, x, dy), 5 if compiled else 3, iters)
             err = check(fn, x, dy) if check is not None else None
             record(op=op, d=d, keep=keep, compiled=compiled, ms=ms, max_rel_err=err,
                    speedup=None if dense_ms is None else dense_ms / ms)
@@ -180,7 +165,7 @@ def train_steps(compiled: bool, t_start: float, budget_s: float, record: Callabl
             cfg = load_config(None, method, base + extra)
             run = setup(cfg, data=RandomTokens(50257, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed))
             steps = iter(range(300, cfg.train.steps))  # SAT: warm-up ends at 100, LORS holds r0 until 550
-            ms = time_ms(lambda run=run, steps=steps: train_step(run, next(steps)), warmup=5, iters=10)
+            ms = time_ms(lambda run=run, steps=steps: train_step(run, next(steps)), 5, 10)
             if method == "dense":
                 dense_ms = ms
             speedup = None if method == "dense" or dense_ms is None else dense_ms / ms

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -26,29 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels import semi24 as s
+from kernels.benchutil import time_ms
 from model.gpt import MLP, GPTConfig
 
 _T0 = time.perf_counter()
-
-
-def timed(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    """Median ms of fn over reps, after warmup calls. CUDA events on GPU, wall clock on CPU (smoke runs)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,7 +76,7 @@ def bench_graphed(row: Row, lin: torch.nn.Linear, idx: torch.Tensor, x: torch.Te
 
     def dense():
         cap = s.GraphedFwdBwd(lambda xx: F.linear(xx, w.to(xx.dtype)), [w], xb)
-        ms["dense_graphed_fwd_bwd"] = timed(_graphed_step(cap, x, dy, [w]), warmup, reps)
+        ms["dense_graphed_fwd_bwd"] = time_ms(_graphed_step(cap, x, dy, [w]), warmup, reps)
     row.run("dense_graphed_fwd_bwd", dense, budget_s)
 
     def sparse():
@@ -112,7 +92,7 @@ def bench_graphed(row: Row, lin: torch.nn.Linear, idx: torch.Tensor, x: torch.Te
         err["graphed_y"] = rel(cap(xb), ref(xb))
         repack = lambda: (m.invalidate(), m.operands(dy.dtype))
         for tag, before in (("", None), ("+repack", repack)):
-            ms[f"sparse_graphed_fwd_bwd{tag}"] = timed(_graphed_step(cap, x, dy, [w], before), warmup, reps)
+            ms[f"sparse_graphed_fwd_bwd{tag}"] = time_ms(_graphed_step(cap, x, dy, [w], before), warmup, reps)
         row.data["graph_plans"] = {k[0]: v.sparse for k, v in s.PLANS.items()
                                    if k[1:4] == (*w.shape, x.shape[0]) and k[-1] == "graph"}
     row.run("sparse_graphed_fwd_bwd", sparse, budget_s)
@@ -146,13 +126,13 @@ def bench_mlp(d: int, T: int, warmup: int, reps: int, budget_s: float) -> dict:
             y.backward(dy)
         return step
 
-    ms["dense_mlp"] = row.run("dense_mlp", lambda: timed(eager_step(dense), warmup, reps), budget_s)
+    ms["dense_mlp"] = row.run("dense_mlp", lambda: time_ms(eager_step(dense), warmup, reps), budget_s)
 
     def dense_graphed():
         w1, w2 = dense.c_fc.weight, dense.c_proj.weight
         fn = lambda xx: F.linear(F.gelu(F.linear(xx, w1.to(xx.dtype)), approximate="tanh"), w2.to(xx.dtype))
         cap = s.GraphedFwdBwd(fn, [w1, w2], x.detach().bfloat16())
-        ms["dense_mlp_graphed"] = timed(_graphed_step(cap, x, dy, params), warmup, reps)
+        ms["dense_mlp_graphed"] = time_ms(_graphed_step(cap, x, dy, params), warmup, reps)
     row.run("dense_mlp_graphed", dense_graphed, budget_s)
 
     def sparse(graph: bool):
@@ -168,7 +148,7 @@ def bench_mlp(d: int, T: int, warmup: int, reps: int, budget_s: float) -> dict:
             step()
         if graph and not m._graphs:
             raise RuntimeError(f"not captured (broken: {sorted(s._BROKEN)})")
-        ms[tag] = timed(step, warmup, reps)
+        ms[tag] = time_ms(step, warmup, reps)
         if graph:  # the replayed output against the masked dense reference on the same masks
             refs = [s.Linear24.from_dense(lin, backend="ref", mvue=False) for lin in (m.c_fc, m.c_proj)]
             for r, lin in zip(refs, (m.c_fc, m.c_proj), strict=True):
@@ -177,7 +157,7 @@ def bench_mlp(d: int, T: int, warmup: int, reps: int, budget_s: float) -> dict:
                 err["mlp_graphed_y"] = rel(m(x * 1.0), refs[1](mlp.gelu(refs[0](x.detach()))))
             # The replayed output above is already dropped: a live one would make the next call run eagerly.
             repack = lambda: [lin.invalidate() for lin in (m.c_fc, m.c_proj)]
-            ms[f"{tag}+repack"] = timed(eager_step(m, repack), warmup, reps)
+            ms[f"{tag}+repack"] = time_ms(eager_step(m, repack), warmup, reps)
     row.run("sparse_mlp_graphed", lambda: sparse(True), budget_s)
     row.run("sparse_mlp_eager", lambda: sparse(False), budget_s)
     for name in ("sparse_mlp_graphed", "sparse_mlp_graphed+repack", "sparse_mlp_eager", "dense_mlp_graphed"):
@@ -214,7 +194,7 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
 
         return step
 
-    ms["dense_fwd_bwd"] = row.run("dense_fwd_bwd", lambda: timed(fwd_bwd(lin), warmup, reps), budget_s)
+    ms["dense_fwd_bwd"] = row.run("dense_fwd_bwd", lambda: time_ms(fwd_bwd(lin), warmup, reps), budget_s)
     idx = row.run("search_ref", lambda: s.transposable_search_ref(w), budget_s)
     if idx is None:
         return row.data
@@ -233,7 +213,7 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
         tags = (("", {}), ("+repack", {"repack": True}), ("+repack+search", {"repack": True, "search": True}))
         for tag, kw in tags[:2] if quick else tags:
             name = f"sparse_{backend}_fwd_bwd{tag}"
-            ms[name] = row.run(name, lambda m=m, kw=kw: timed(fwd_bwd(m, **kw), warmup, reps), budget_s)
+            ms[name] = row.run(name, lambda m=m, kw=kw: time_ms(fwd_bwd(m, **kw), warmup, reps), budget_s)
             if ms[name] and ms["dense_fwd_bwd"]:
                 sp[name] = ms["dense_fwd_bwd"] / ms[name]
 
@@ -261,29 +241,30 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
         kept = lambda i: (w.abs() * s.mask_from_index(i)).sum()
         err["search_kept_l1"] = rel(kept(i2), kept(idx))
         err["search_blocks_differing"] = (i2 != idx).float().mean().item()
-        ms["search_fast"] = timed(lambda: s.transposable_search(w), warmup, reps)
+        ms["search_fast"] = time_ms(lambda: s.transposable_search(w), warmup, reps)
     row.run("search_fast", search_fast, budget_s)
-    ms["search_ref"] = row.run("search_ref_timed", lambda: timed(lambda: s.transposable_search_ref(w), 1, 3), budget_s)
+    ref_search = lambda: time_ms(lambda: s.transposable_search_ref(w), 1, 3)
+    ms["search_ref"] = row.run("search_ref_timed", ref_search, budget_s)
 
     def prune_pack():
         p, pt = s.prune24(w, idx, torch.bfloat16)
         ref = (w * s.mask_from_index(idx)).bfloat16()
         err["prune"] = rel(p, ref) + rel(pt, ref.t())
-        ms["prune"] = timed(lambda: s.prune24(w, idx, torch.bfloat16), warmup, reps)
-        ms["compress_w_and_wt"] = timed(lambda: (torch._cslt_compress(p), torch._cslt_compress(pt)), warmup, reps)
+        ms["prune"] = time_ms(lambda: s.prune24(w, idx, torch.bfloat16), warmup, reps)
+        ms["compress_w_and_wt"] = time_ms(lambda: (torch._cslt_compress(p), torch._cslt_compress(pt)), warmup, reps)
         ms["prune_pack"] = ms["prune"] + ms["compress_w_and_wt"]
         return p, pt
     packed = row.run("prune_pack", prune_pack, budget_s) if cuda else None
     if cuda:
-        row.run("tile_op", lambda: ms.__setitem__("tile_op_greedy_pack", timed(
+        row.run("tile_op", lambda: ms.__setitem__("tile_op_greedy_pack", time_ms(
             lambda: torch._sparse_semi_structured_tile(w.bfloat16(), "", False), warmup, reps)), budget_s)
 
     def mvue_pack():
         out = s.mvue24_t(dy, 1)
         ref = dy.t()
         err["mvue_mean_rel_dev_1draw"] = rel(out, ref)  # one draw: noise, not bias; bias is tested in pytest
-        ms["mvue"] = timed(lambda: s.mvue24_t(dy, 1), warmup, reps)
-        ms["mvue_compress"] = ms["mvue"] + timed(lambda: torch._cslt_compress(out), warmup, reps)
+        ms["mvue"] = time_ms(lambda: s.mvue24_t(dy, 1), warmup, reps)
+        ms["mvue_compress"] = ms["mvue"] + time_ms(lambda: torch._cslt_compress(out), warmup, reps)
         return out
     dyt = row.run("mvue_pack", mvue_pack, budget_s) if cuda else None
 
@@ -302,15 +283,15 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
                 sparse = lambda: s._cslt_mm(a_c, b, tr, plan)
                 ref = (dyt.float() @ xb.float()) if g == "wgrad" else dense().float()
                 err[f"gemm_{g}"] = rel(sparse(), ref)
-                ms[f"gemm_{g}_dense"] = timed(dense, warmup, reps)
-                ms[f"gemm_{g}_sparse"] = timed(sparse, warmup, reps)
+                ms[f"gemm_{g}_dense"] = time_ms(dense, warmup, reps)
+                ms[f"gemm_{g}_sparse"] = time_ms(sparse, warmup, reps)
                 sp[f"gemm_{g}"] = ms[f"gemm_{g}_dense"] / ms[f"gemm_{g}_sparse"]
                 default = lambda: torch._cslt_sparse_mm(a_c, b, transpose_result=tr)
-                ms[f"gemm_{g}_sparse_default_alg"] = timed(default, warmup, reps)
+                ms[f"gemm_{g}_sparse_default_alg"] = time_ms(default, warmup, reps)
                 graph = torch.cuda.CUDAGraph()  # replay: the kernel without per-call host setup
                 with torch.cuda.graph(graph):
                     sparse()
-                ms[f"gemm_{g}_sparse_graph"] = timed(graph.replay, warmup, reps)
+                ms[f"gemm_{g}_sparse_graph"] = time_ms(graph.replay, warmup, reps)
                 sp[f"gemm_{g}_graph"] = ms[f"gemm_{g}_dense"] / ms[f"gemm_{g}_sparse_graph"]
             row.run(f"gemm_{g}", one, budget_s)
     return row.data

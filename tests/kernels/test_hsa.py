@@ -111,18 +111,8 @@ def test_make_hsa_attend_plugs_into_gpt():
 # q, k, v are strided views of one (B, T, 3, nh, hs) tensor, as the model's c_attn split makes them.
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
-    import os
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.runtime.interpreter as interp
+    import tests.triton_interp  # noqa: F401  (interpreter on, numpy shim)
     import torch
-
-    # triton 3.6's interpreter calls int() on a 1-element array, which numpy >= 2.4 refuses (loops over a runtime
-    # bound die with "only 0-dimensional arrays can be converted"); take the element instead.
-    _patch = interp._patch_lang_tensor
-    def _patch_lang_tensor(tensor, scope):
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interp._patch_lang_tensor = _patch_lang_tensor
 
     from kernels.hsa_attention import _HSAFunction, hsa_attention_ref
     torch.manual_seed(0)
