@@ -252,12 +252,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             if dist.is_main:
                 console.print(_line(record, t.steps))
                 progress.update(bar, description=f"{cfg.method} loss {train_loss:.3f} {tok_per_s:,.0f} tok/s")
-            tokens_log = 0
+            tokens_log, t_log = 0, time.perf_counter()  # validation time is not training time
         ckpt_due = is_eval if t.ckpt_interval == 0 else step % t.ckpt_interval == 0 or last
         if ckpt_due:
             if dist.is_main:
                 save(run, out_dir, step, tokens, flops, flops_dense, elapsed + time.perf_counter() - t_log)
-        t_log = time.perf_counter() if step % t.log_interval == 0 or is_eval else t_log
         progress.advance(bar)
     progress.stop()
     logger.close()
