@@ -23,10 +23,10 @@ demo: tokens/stdlib-byte/meta.json  ## the built-in default: a small GPT on the 
 	$(PY) sample.py --ckpt out/demo-$(METHOD) --prompt "def " --max-new-tokens 120
 
 test:  ## CPU test suite (GPU tests are skipped without CUDA)
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 test-gpu:  ## only the GPU tests (kernels vs references on CUDA)
-	$(PY) -m pytest -q -m gpu
+	$(PY) -m pytest -m gpu
 
 lint:
 	$(PY) -m ruff check .
