@@ -30,6 +30,7 @@ from rich.table import Table
 
 from core.config import ConfigError, load_config
 from model.flops import dense_flops_per_token, peak_flops
+from sparsity import REGISTRY
 from train import Run, TrainError, setup, train_step
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -136,6 +137,12 @@ def run_kernel_benches(names: list[str], out_dir: Path, stamp: str) -> dict:
     return results
 
 
+def for_method(overrides: list[str], method: str) -> list[str]:
+    """The overrides that apply to `method`: core sections, and its own section (`--set mst.hsa_stride=64` must not
+    break the dense baseline)."""
+    return [o for o in overrides if o.split(".", 1)[0] not in REGISTRY or o.split(".", 1)[0] == method]
+
+
 def write_results(rows: list[dict], out: Path, stamp: str, command: str, config, extra) -> tuple[list[dict], Path]:
     """(Re)write the JSON and markdown table with the rows measured so far; speedups are against dense."""
     ok = [r for r in rows if "error" not in r]
@@ -183,7 +190,7 @@ def main(
     names = ["dense"] + [m for m in methods.split(",") if m and m != "dense"]
     extra = list(set_) + ([f"train.compile={str(compile).lower()}"] if compile is not None else [])
     try:
-        cfgs = [load_config(config, m, extra) for m in names]
+        cfgs = [load_config(config, m, for_method(extra, m)) for m in names]
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

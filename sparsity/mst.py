@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -366,6 +367,12 @@ class DST(Method):
 
     def __init__(self, cfg: DSTConfig, model_cfg: GPTConfig, total_steps: int, seed: int = 0):
         super().__init__(cfg, model_cfg, total_steps, seed)
+        if 0 < cfg.delta_t and total_steps <= cfg.delta_t:  # updates run at ΔT, 2ΔT, ... < total_steps
+            warnings.warn(
+                f"{cfg.section}.delta_t={cfg.delta_t} leaves no topology update in a run of {total_steps} steps: the "
+                f"masks keep their initial sparsity; lower {cfg.section}.delta_t to follow the schedule",
+                stacklevel=2,
+            )
         self.schedule = DSTSchedule(cfg, total_steps)
         self.shapes = sparse_shapes(model_cfg, cfg)
         self.units = _units(self.shapes, cfg)

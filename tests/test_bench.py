@@ -1,0 +1,33 @@
+"""bench.py on a tiny CPU config: the code path the GPU benchmark takes, with its output format (no speed claims)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def test_bench_cpu_writes_ratios_against_dense(tmp_path):
+    cmd = [sys.executable, "bench.py", "--methods", "mst,sat", "--steps", "2", "--warmup", "1", "--out", str(tmp_path),
+           "--tag", "t", "--set", "model.preset=tiny", "--set", "model.block_size=32", "--set", "model.vocab_size=256",
+           "--set", "train.batch_size=2", "--set", "train.device=cpu", "--set", "train.steps=100",
+           "--set", "mst.delta_t=5"]  # a method's own section reaches only that method
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(next(tmp_path.glob("bench-cpu-*-t.json")).read_text())
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert list(rows) == ["dense", "mst", "sat"]
+    for r in rows.values():
+        assert {"method", "device", "config", "command", "torch", "tok_per_s", "mfu", "speedup", "ms_per_step",
+                "peak_mem_gb", "flops_ratio"} <= set(r)
+        assert r["tok_per_s"] > 0 and r["device"] == "cpu"
+    assert rows["dense"]["speedup"] == 1.0 and rows["dense"]["flops_ratio"] == 1.0
+    assert rows["mst"]["flops_ratio"] < 0.5  # the default MST schedule is ultra-sparse at 30% of the run
+    assert "| mst |" in next(tmp_path.glob("bench-cpu-*-t.md")).read_text()
+
+
+def test_bench_bad_method_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "bench.py", "--methods", "nope", "--out", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown method 'nope'" in result.stderr
