@@ -472,7 +472,6 @@ class DST(Method):
 
     def on_step_start(self, step: int) -> None:
         self._step = step
-        self._last_update = {}
         on = self.schedule.hsa_on(step)
         if on != self._hsa_on:
             self._set_attention(on)
@@ -558,6 +557,7 @@ class DST(Method):
                 self._grown[name] = self._element_mask(name, ~(new & ~old), w.dtype)
         p = self.name
         self._last_update = {
+            f"{p}/update_step": float(step),
             f"{p}/flip_rate": flips / sum(self.units.values()),
             f"{p}/pruned": float(totals[0]),
             f"{p}/grown": float(totals[1]),
@@ -579,7 +579,10 @@ class DST(Method):
         }
         for k in self.modules:
             out[f"{p}/sparsity/{k.removeprefix('transformer.')}"] = 1.0 - self.n_on[k] / self.units[k]
-        return out | self._last_update
+        # An update's counts reach the first record logged after it, even when log_interval does not divide ΔT.
+        out |= self._last_update
+        self._last_update = {}
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -23,13 +23,28 @@ def trained(tmp_path):
 
 
 def test_sample_cli(trained):
-    cmd = [sys.executable, "sample.py", "--ckpt", trained.train.out_dir, "--prompt", "the", "-n", "2",
-           "--max-new-tokens", "30", "--temperature", "0.8", "--top-k", "20"]
+    cmd = [
+        sys.executable,
+        "sample.py",
+        "--ckpt",
+        trained.train.out_dir,
+        "--prompt",
+        "the",
+        "-n",
+        "2",
+        "--max-new-tokens",
+        "30",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("--- sample") == 2 and result.stdout.count("the") >= 2
-    bad = subprocess.run([sys.executable, "sample.py", "--ckpt", "/nonexistent"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "sample.py", "--ckpt", "/nonexistent"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
@@ -45,8 +60,11 @@ def test_plot_writes_loss_and_method_figures(trained, tmp_path):
 
 def test_init_from_our_checkpoint_continues_with_fresh_optimizer(trained, tmp_path):
     first = read_metrics(trained.train.out_dir)
-    cfg = tiny_config(tmp_path / "b", "sat", ["train.steps=4", f"train.init_from={trained.train.out_dir}",
-                                              "sat.warmup_frac=0.5", "sat.channel_multiple=16"])
+    cfg = tiny_config(
+        tmp_path / "b",
+        "sat",
+        ["train.steps=4", f"train.init_from={trained.train.out_dir}", "sat.warmup_frac=0.5", "sat.channel_multiple=16"],
+    )
     train(cfg)
     again = read_metrics(cfg.train.out_dir)
     assert again[0]["train_loss"] < first[0]["train_loss"] - 0.3  # starts from the trained weights
@@ -62,3 +80,16 @@ def test_wandb_offline(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     assert (run_dir / "wandb_id").is_file()
     assert any((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_mst_update_counts_reach_the_log_between_log_steps(tmp_path):
+    cfg = tiny_config(
+        tmp_path,
+        "mst",
+        ["train.steps=12", "train.log_interval=2", "train.eval_interval=12", "mst.delta_t=3", "mst.stair_interval=3"],
+    )
+    train(cfg)
+    updates = [r for r in read_metrics(cfg.train.out_dir) if "mst/flip_rate" in r]
+    assert [r["mst/update_step"] for r in updates] == [3.0, 6.0, 9.0]  # steps 3 and 9 are not log steps
+    assert [r["step"] for r in updates] == [4, 6, 10]
+    assert all(r["mst/pruned"] >= 0 and 0 <= r["mst/flip_rate"] <= 1 for r in updates)
