@@ -49,3 +49,36 @@ def config_args(cfg: Config) -> list[str]:
                 continue
             args += ["--set", f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"]
     return args
+
+
+def method_step(model, method, opt, step: int, micro_batches, clip: float = 1.0, check=None,
+                autocast=None) -> tuple[list[float], bool]:
+    """One optimizer step driving a method's hooks in train.train_step's order, on a bare model (method tests
+    need no Run). micro_batches: [(x, y), ...]; check(where, step[, stepped]) is called after each hook group.
+    Returns the micro-batch losses and whether the optimizer stepped."""
+    import contextlib
+
+    import torch
+
+    method.on_step_start(step)
+    method.flop_profile(step)
+    if check:
+        check("step_start", step)
+    losses = []
+    for x, y in micro_batches:
+        with autocast or contextlib.nullcontext():
+            _, loss = model(x, y)
+        (loss / len(micro_batches)).backward()
+        losses.append(loss.item())
+    method.after_backward(step)
+    if check:
+        check("after_backward", step)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    stepped = method.before_optimizer_step(step, opt)
+    if stepped:
+        opt.step()
+    method.after_optimizer_step(step, opt)
+    if check:
+        check("after_optimizer_step", step, stepped)
+    opt.zero_grad(set_to_none=True)
+    return losses, stepped

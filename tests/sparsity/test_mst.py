@@ -31,6 +31,7 @@ from sparsity.mst import (
     plan_profile,
     sparse_shapes,
 )
+from tests.helpers import method_step
 from tools.flop_match import load_config, match_dense, method_total_flops, mst_total_flops, run_total_flops
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -63,27 +64,10 @@ def build(method_cls, cfg, total: int, seed: int = 0, model_cfg: GPTConfig = TIN
 
 
 def train(model, method, opt, start: int, stop: int, clip: float = 1.0, check=None, accum: int = 1):
-    """The trainer's hook order (HELPERS.md), on CPU in fp32."""
+    """The trainer's hook order, on CPU in fp32."""
     for step in range(start, stop):
-        method.on_step_start(step)
-        method.flop_profile(step)
-        if check:
-            check("step_start", step)
-        for micro in range(accum):
-            x = batch(step, micro)
-            _, loss = model(x, x)
-            (loss / accum).backward()
-        method.after_backward(step)
-        if check:
-            check("after_backward", step)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        stepped = method.before_optimizer_step(step, opt)
-        if stepped:
-            opt.step()
-        method.after_optimizer_step(step, opt)
-        if check:
-            check("after_optimizer_step", step, stepped)
-        opt.zero_grad(set_to_none=True)
+        micro = [(batch(step, m), batch(step, m)) for m in range(accum)]
+        method_step(model, method, opt, step, micro, clip, check)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -538,17 +522,8 @@ def test_cuda_bf16_run_keeps_invariants():
     assert all(m.device.type == "cuda" and m.dtype == w.dtype for m, w in zip(method.masks, method.weights))
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cuda")
     for step in range(10):
-        method.on_step_start(step)
         x = batch(step, 0, mc).cuda()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, x)[1]
-        loss.backward()
-        method.after_backward(step)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if method.before_optimizer_step(step, opt):
-            opt.step()
-        method.after_optimizer_step(step, opt)
-        opt.zero_grad(set_to_none=True)
+        method_step(model, method, opt, step, [(x, x)], autocast=torch.autocast("cuda", dtype=torch.bfloat16))
         for w, m in zip(method.weights, method.masks, strict=True):
             assert (w.detach()[m == 0] == 0).all()
         if method.schedule.is_update(step):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from kernels.sliced_attention import head_slices
 from model.gpt import GPT, GPTConfig
 from sparsity.sat import SAT, SATConfig, _observe_attn, _observe_mlp, kept_count, omission_rate, select_kept
+from tests.helpers import method_step
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, bias=True)
 
@@ -32,23 +33,11 @@ def _batch(step, micro):
 
 def _run(model, method, opt, steps, micro=2):
     """Drive the hooks in train.py's order; returns the losses."""
-    losses = []
+    out = []
     for step in steps:
-        method.on_step_start(step)
-        method.flop_profile(step)
-        total = 0.0
-        for m in range(micro):
-            _, loss = model(*_batch(step, m))
-            (loss / micro).backward()
-            total += loss.item() / micro
-        method.after_backward(step)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if method.before_optimizer_step(step, opt):
-            opt.step()
-        method.after_optimizer_step(step, opt)
-        opt.zero_grad(set_to_none=True)
-        losses.append(total)
-    return losses
+        losses, _ = method_step(model, method, opt, step, [_batch(step, m) for m in range(micro)])
+        out.append(sum(loss / micro for loss in losses))
+    return out
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from kernels.semi24 import Linear24, SparseMLP24, mask_from_index, transposable_search_ref
 from model.gpt import GPT, GPTConfig
 from sparsity.semi24 import Semi24, Semi24Config, choose_decay
+from tests.helpers import method_step
 
 LR = 1e-2  # large, so a tiny model's masks move within a few steps
 
@@ -33,19 +34,7 @@ def _train(model, method, opt, start, stop, grad_accum=2):
     """The trainer's order per optimizer step (HELPERS.md); returns losses, masks and m(w_t) after each step."""
     losses, masks, shadows = [], [], []
     for step in range(start, stop):
-        method.on_step_start(step)
-        method.flop_profile(step)
-        for _ in range(grad_accum):
-            x, y = _batch(step)
-            _, loss = model(x, y)
-            (loss / grad_accum).backward()
-            losses.append(loss.item())
-        method.after_backward(step)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if method.before_optimizer_step(step, opt):
-            opt.step()
-        method.after_optimizer_step(step, opt)
-        opt.zero_grad(set_to_none=True)
+        losses += method_step(model, method, opt, step, [_batch(step)] * grad_accum)[0]
         masks.append({n: m.mask_index.clone() for n, m in method.layers.items()})
         shadows.append({n: transposable_search_ref(m.weight) for n, m in method.layers.items()})
         method.metrics()
