@@ -165,6 +165,12 @@ def target_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def autotuned_configs() -> dict[str, list[dict[str, str]]]:
+    """The config the autotuner chose for each key it saw (which tiles and pipeline depths win on this device)."""
+    kernels = {"fwd/dx": bs._bsr_mm_kernel, "dw": bs._sddmm_kernel}
+    return {name: [{"key": str(k), "config": str(c)} for k, c in kern.cache.items()] for name, kern in kernels.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_block_sparse.json", help="JSON results path")
@@ -206,6 +212,8 @@ def main() -> None:
         "tolerance": TOL,
         "timing": "sync after every call" if args.sync_each else "back to back, event pair per call",
         "wall_s": time.perf_counter() - t0,
+        "smem_per_block_optin": torch.cuda.get_device_properties(0).shared_memory_per_block_optin,
+        "autotuned": autotuned_configs(),
         "results": rows,
         "targets": summary,
     }

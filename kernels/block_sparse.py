@@ -19,10 +19,10 @@ fallback.
 
 Kernel notes (H100). Forward/dX: one program per (token tile, output block), all blocks of a token tile adjacent
 in the grid so the tile's activations come from HBM once; the packed W (≤ 8 MB bf16 for 4096×1024) stays in L2.
-The K loop is flat over (nonzero block, 64-wide chunk), so the pipeliner keeps `num_stages` chunks in flight
-across block boundaries. At b=128 the 256×128 tile (8 warps) reuses each loaded byte about as well as cuBLAS's
-128×256; at b ≤ 64 the output tile is only b wide, so those kernels stay L2-bandwidth bound. Rows past M wrap
-(re-read valid rows, never stored) to keep the loads unmasked. The dW SDDMM groups up to G blocks that share a
+The K loop is flat over (nonzero block, 64-wide chunk), so the pipeliner keeps chunks (2 or 3, see `mm_smem`)
+in flight across block boundaries. At b=128 the 256×128 tile (8 warps) reuses each loaded byte about as well as
+cuBLAS's 128×256; at b ≤ 64 the output tile is only b wide, so those kernels stay L2-bandwidth bound. Rows past M
+wrap (re-read valid rows, never stored) to keep the loads unmasked. The dW SDDMM groups up to G blocks that share a
 row (or a column, whichever lists are longer) into one b × G·b tile, so the shared dY (or X) slice is loaded
 once for G blocks, and splits the token reduction across programs (fp32 atomics) when there are too few tasks
 to fill the GPU's last wave: straight into the zeroed fp32 dW of fp32 master weights, or into a compact
@@ -218,6 +218,24 @@ def dw_ref(dy: torch.Tensor, x: torch.Tensor, info: BlockMaskInfo) -> torch.Tens
 # Triton kernels
 
 
+# (BM, BK, warps, stages). b=128 wants the 256×128 tile (the A tile is reused across 128 output columns and the W
+# tile across 256 rows: 85 flop/byte of L2 traffic, as cuBLAS's 128×256); the 128-row ones are for b ≤ 64 and fp32.
+# Stages 3 keep 2 chunks in flight and stages 5 keep 3 (see `mm_smem`); stages 4 compiles to the stages-3 kernel.
+MM_TILES = [
+    (256, 64, 8, 3), (256, 64, 8, 5), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 5), (128, 32, 4, 3),
+    (128, 32, 4, 5), (64, 32, 4, 3),
+]  # fmt: skip
+# (BK, warps, stages) for the b × G·b dW tile (128×256 at b=128); 32-wide chunks for fp32 operands, whose 64-wide
+# ones need 288 KB in 3 stages at b=128.
+DW_TILES = [(64, 8, 3), (64, 8, 4), (32, 8, 3), (32, 4, 4)]
+
+# A config's pipeline buffers must fit the device's shared memory a program may use (the opt-in maximum Triton
+# launches against: 227 KB on the H100, 163 KB on the A100). Neither kernel needs other shared memory worth
+# counting: the test suite compiles both for sm90 and checks Triton's own count against `mm_smem` / `dw_smem`.
+# The reserve is for the barriers and index buffers Triton adds (tens of bytes).
+_SMEM_RESERVE = 1024
+
+
 def _configs(names: tuple[str, ...], sizes: list[tuple[int, ...]]) -> list[triton.Config]:
     """(tile sizes..., num_warps, num_stages) rows; one small config in the interpreter (nothing to tune there)."""
     if _INTERPRET:
@@ -225,7 +243,49 @@ def _configs(names: tuple[str, ...], sizes: list[tuple[int, ...]]) -> list[trito
     return [triton.Config(dict(zip(names, s[:-2], strict=True)), num_warps=s[-2], num_stages=s[-1]) for s in sizes]
 
 
-_SMEM = 200 * 1024  # H100 has 227 KB a block; the rest is Triton's own scratch (barriers, layout conversions)
+def mm_smem(config: triton.Config, block: int, elem_bytes: int) -> int:
+    """Shared memory of `_bsr_mm_kernel` under `config`: the A (BM×BK) and W (BK×b) chunks in flight. The index
+    load that feeds their addresses takes a pipeline stage of its own, so num_stages s keeps max(2, (s+1) // 2)
+    chunks in flight (Triton 3.6: s = 3 and 4 compile to the same kernel, s = 5 holds 3 chunks)."""
+    chunks = max(2, (config.num_stages + 1) // 2)
+    return chunks * (config.kwargs["BM"] + block) * config.kwargs["BK"] * elem_bytes
+
+
+def dw_smem(config: triton.Config, block: int, group: int, elem_bytes: int) -> int:
+    """Shared memory of `_sddmm_kernel` under `config`: num_stages chunks of the P (BK×b) and Q (BK×G·b) slices."""
+    return config.num_stages * config.kwargs["BK"] * (block + group * block) * elem_bytes
+
+
+def _fitting(configs: list[triton.Config], need, limit: int) -> list[triton.Config]:
+    """The configs whose shared memory fits `limit` bytes; if none does, the one that needs least (its launch then
+    fails with Triton's own message: no config can run there)."""
+    fits = [c for c in configs if need(c) + _SMEM_RESERVE <= limit]
+    return fits or [min(configs, key=need)]
+
+
+def mm_configs_for(configs: list[triton.Config], block: int, elem_bytes: int, limit: int) -> list[triton.Config]:
+    """The `_bsr_mm_kernel` configs worth tuning for block size `block` on a device with `limit` bytes of shared
+    memory a program."""
+    shaped = [
+        c
+        for c in configs
+        if (c.kwargs["BK"] == 64 if block == 128 else c.kwargs["BK"] <= block)  # b=128: 64-wide chunks, 2 a block
+        and c.kwargs["BM"] * block <= 128 * 32 * c.num_warps  # fp32 accumulator: at most 128 registers a thread
+    ]
+    return _fitting(shaped, lambda c: mm_smem(c, block, elem_bytes), limit)
+
+
+def dw_configs_for(
+    configs: list[triton.Config], block: int, group: int, elem_bytes: int, limit: int
+) -> list[triton.Config]:
+    """The `_sddmm_kernel` configs worth tuning for a b × G·b tile under `limit` bytes of shared memory."""
+    shaped = [c for c in configs if block * group * block <= 128 * 32 * c.num_warps]
+    return _fitting(shaped, lambda c: dw_smem(c, block, group, elem_bytes), limit)
+
+
+@functools.cache
+def _smem_limit(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def _arg(named_args: dict, kwargs: dict, name: str):
@@ -233,36 +293,18 @@ def _arg(named_args: dict, kwargs: dict, name: str):
 
 
 def _prune_mm(configs, named_args, **kwargs):
-    b = _arg(named_args, kwargs, "B")
-    size = named_args["a_ptr"].element_size()
-    fits = [
-        c
-        for c in configs
-        if (c.kwargs["BK"] == 64 if b == 128 else c.kwargs["BK"] <= b)  # b=128: 64-wide chunks, 2 per block
-        and c.num_stages * (c.kwargs["BM"] + b) * c.kwargs["BK"] * size <= _SMEM
-        and c.kwargs["BM"] * b <= 128 * 32 * c.num_warps  # fp32 accumulator: at most 128 registers a thread
-    ]
-    return fits or configs[-1:]
+    a = named_args["a_ptr"]
+    return mm_configs_for(configs, _arg(named_args, kwargs, "B"), a.element_size(), _smem_limit(a.device))
 
 
 def _prune_dw(configs, named_args, **kwargs):
+    p = named_args["p_ptr"]
     b, g = _arg(named_args, kwargs, "B"), _arg(named_args, kwargs, "G")
-    size = named_args["p_ptr"].element_size()
-    fits = [
-        c
-        for c in configs
-        if c.num_stages * c.kwargs["BK"] * (b + g * b) * size <= _SMEM and b * g * b <= 128 * 32 * c.num_warps
-    ]
-    return fits or configs[-1:]
+    return dw_configs_for(configs, b, g, p.element_size(), _smem_limit(p.device))
 
 
-# (BM, BK, warps, stages). b=128 wants the 256×128 tile (the A tile is reused across 128 output columns and the W
-# tile across 256 rows: 85 flop/byte of L2 traffic, as cuBLAS's 128×256); the 128-row ones are for b ≤ 64 and fp32.
-_MM_CONFIGS = _configs(
-    ("BM", "BK"), [(256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (128, 64, 4, 4), (128, 32, 4, 4), (64, 32, 4, 3)]
-)
-# (BK, warps, stages) for the b × G·b dW tile (128×256 at b=128)
-_DW_CONFIGS = _configs(("BK",), [(64, 8, 3), (64, 8, 4), (32, 4, 4)])
+_MM_CONFIGS = _configs(("BM", "BK"), MM_TILES)
+_DW_CONFIGS = _configs(("BK",), DW_TILES)
 _DW_ALIGN = 64  # split-K chunks are a multiple of every BK
 
 
@@ -280,7 +322,7 @@ def _bsr_mm_kernel(
 
     Forward: j = row block of W, lists = CSR, ids = p (IDS=False), W_T. dX: j = column block, lists = CSC with
     their packed ids. The K loop is flat over (block, BK-chunk) so Triton's pipeliner sees one loop with both
-    loads (and the index load feeding them) in flight `num_stages` deep.
+    loads (and the index load feeding them, a stage ahead) in flight.
     """
     pid = tl.program_id(0)
     pid_m = pid // NJ  # the NJ programs of one token tile run together: its A rows are read from HBM once
@@ -379,7 +421,11 @@ def _sddmm_kernel(
     if FULL:
         out = out_ptr + r_el.to(tl.int64) * stride_or + c_el.to(tl.int64) * stride_oc
     else:
-        out = out_ptr + ids.to(tl.int64)[None, :] * (B * B) + (r_el % B) * B + c_el % B
+        # The in-block offsets come straight from the aranges: written as `r_el % B`, `c_el % B` they hid their
+        # contiguity, and by row the atomics went through a layout conversion of the B × G·B tile of 64-bit
+        # pointers in shared memory (256 KB at b=128, over the H100's 227 KB whatever the config).
+        local = offs_i[:, None] * B + (offs_g % B)[None, :] if BY_ROW else (offs_g % B)[None, :] * B + offs_i[:, None]
+        out = out_ptr + ids.to(tl.int64)[None, :] * (B * B) + local
     o_mask = (offs_i[:, None] >= 0) & (ids >= 0)[None, :]  # padding slots (id -1) are never written
     if ATOMIC:
         tl.atomic_add(out, acc, mask=o_mask, sem="relaxed")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
 
 from kernels import block_sparse as bs
 from kernels.block_sparse import (
@@ -83,6 +84,55 @@ def test_index_lists_hand_case_grouped_by_column():
     assert info.task_ids.tolist() == [[0, 3], [1, 2], [4, -1]]
 
 
+H100_SMEM = 232448  # shared_memory_per_block_optin of sm90
+A100_SMEM = 166912
+
+
+def _full_configs(names, tiles):
+    """The autotune space as on a GPU (bs._MM_CONFIGS is a single config when the interpreter is on)."""
+    return [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tiles]
+
+
+def _tiles(configs):
+    return [(*c.kwargs.values(), c.num_warps, c.num_stages) for c in configs]
+
+
+def test_config_pruning_respects_the_shared_memory_limit(monkeypatch):
+    mm, dw = _full_configs(("BM", "BK"), bs.MM_TILES), _full_configs(("BK",), bs.DW_TILES)
+    # The estimates by hand (Triton's own count for sm90 adds only barriers: 98308, 147464 and 196608 bytes).
+    cfg = {t: c for t, c in zip(bs.MM_TILES, mm)}
+    assert bs.mm_smem(cfg[256, 64, 8, 3], 128, 2) == 2 * (256 + 128) * 64 * 2  # stages 3: 2 chunks in flight
+    assert bs.mm_smem(cfg[256, 64, 8, 5], 128, 2) == 3 * (256 + 128) * 64 * 2  # stages 5: 3 chunks
+    assert bs.dw_smem(dw[1], 128, 2, 2) == 4 * 64 * (128 + 256) * 2
+    # H100, bf16, b=128: every config with 64-wide chunks fits; the 4-warp dW config is out (its 128×256 fp32 tile).
+    assert _tiles(bs.mm_configs_for(mm, 128, 2, H100_SMEM)) == [
+        (256, 64, 8, 3), (256, 64, 8, 5), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 5)
+    ]  # fmt: skip
+    assert _tiles(bs.dw_configs_for(dw, 128, 2, 2, H100_SMEM)) == [(64, 8, 3), (64, 8, 4), (32, 8, 3)]
+    # fp32 operands: 3 chunks of the 256-row forward tile are 288 KB, and so are 3 of dW's 64-wide ones.
+    assert (256, 64, 8, 5) not in _tiles(bs.mm_configs_for(mm, 128, 4, H100_SMEM))
+    assert (256, 64, 8, 3) in _tiles(bs.mm_configs_for(mm, 128, 4, H100_SMEM))
+    assert _tiles(bs.dw_configs_for(dw, 128, 2, 4, H100_SMEM)) == [(32, 8, 3)]
+    # A smaller device drops what no longer fits: 4 dW stages (192 KB) on the A100.
+    assert _tiles(bs.dw_configs_for(dw, 128, 2, 2, A100_SMEM)) == [(64, 8, 3), (32, 8, 3)]
+    # On either device every block size and operand size has configs, and all of them fit.
+    for limit in (H100_SMEM, A100_SMEM):
+        for block in bs.BLOCK_SIZES:
+            for size in (2, 4):
+                kept = bs.mm_configs_for(mm, block, size, limit)
+                assert kept and all(bs.mm_smem(c, block, size) + bs._SMEM_RESERVE <= limit for c in kept)
+                kept = bs.dw_configs_for(dw, block, 256 // block, size, limit)
+                assert kept and all(bs.dw_smem(c, block, 256 // block, size) + bs._SMEM_RESERVE <= limit for c in kept)
+    # Nothing fits: the config that needs least, alone (its launch then reports the device's limit).
+    (least,) = bs.mm_configs_for(mm, 128, 2, 48 * 1024)
+    assert bs.mm_smem(least, 128, 2) == min(bs.mm_smem(c, 128, 2) for c in bs.mm_configs_for(mm, 128, 2, 10**9))
+    # The autotuner's hooks read the limit of the operands' device.
+    monkeypatch.setattr(bs, "_smem_limit", lambda device: A100_SMEM)
+    p = torch.empty(0, dtype=torch.bfloat16)
+    assert _tiles(bs._prune_dw(dw, {"p_ptr": p}, B=128, G=2)) == [(64, 8, 3), (32, 8, 3)]
+    assert _tiles(bs._prune_mm(mm, {"a_ptr": p.float()}, B=128)) == [(128, 64, 8, 3), (128, 64, 4, 3)]
+
+
 def test_block_scores_and_expand_hand_case():
     t = torch.tensor([[1.0, -2.0, 0.0, 0.0], [3.0, 4.0, 0.0, -1.0], [0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(block_scores(t, 2), torch.tensor([[10.0, 1.0], [0.0, 5.0]]))
@@ -149,7 +199,8 @@ def test_named_triton_backend_raises_when_it_cannot_run():
 # packed bf16 blocks are checked to one bf16 ulp. Triton 3.6's
 # interpreter calls int() on 1-element arrays for runtime loop bounds, which numpy >= 2.3 rejects: the shim reads
 # the element instead. Cases: M not a multiple of the 16-row interpreter tile (wrapped rows), dW split-K into the
-# full fp32 dW (atomics), into the compact buffer + cast pass (fp64/bf16 results), and unsplit (direct stores).
+# full fp32 dW (atomics), into the compact buffer + cast pass (fp64/bf16 results; tasks by column and by row),
+# and unsplit (direct stores).
 _INTERPRETER_CHECK = textwrap.dedent(
     """
     import tests.triton_interp  # noqa: F401  (interpreter on, numpy shim)
@@ -159,7 +210,7 @@ _INTERPRETER_CHECK = textwrap.dedent(
 
     torch.manual_seed(0)
     for m, out_f, in_f, block, splits in [(40, 64, 96, 32, None), (80, 96, 64, 32, 3), (50, 128, 64, 64, 2),
-                                          (64, 64, 128, 32, 1)]:
+                                          (64, 64, 128, 32, 1), (128, 64, 128, 32, 2)]:
         mask = torch.rand(out_f // block, in_f // block) < 0.6
         mask[0] = False
         mask[1, 0] = True
@@ -197,6 +248,78 @@ def test_triton_kernels_match_reference_in_interpreter():
         [sys.executable, "-c", _INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernels compiled for the H100 on the CPU (Triton ships ptxas): Triton's own shared-memory count
+
+
+def _sm90_shared_bytes(kernel, args: tuple, kwargs: dict) -> int:
+    """Shared memory of one launch of the @triton.jit `kernel` compiled for sm90, its arguments specialized as a
+    CUDA launch specializes them (integers equal to 1 folded in, 16-byte divisibility)."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 128)
+    backend = make_backend(target)
+    kwargs = {**kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
+    bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
+    return triton.compile(
+        ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+    ).metadata.shared
+
+
+class _Launches:
+    """Stands in for a Triton kernel: records each launch's arguments instead of running it."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+@pytest.mark.slow  # ~7 s on 2 CPU cores the first time (Triton caches the compiled kernels)
+def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch):
+    """Every launch of a 4096×1024 / 1024×4096 linear at b=128 (GPT-2 350M's c_proj and c_fc; dW grouped by row
+    and by column; its three dW epilogues; bf16 and fp32 operands), compiled for sm90 with the kept config that
+    needs the most shared memory: Triton's count stays within the estimate the pruning used and the H100's limit.
+    Until its in-block offsets were fixed, the by-row dW into the compact buffer needed 256 KB whatever the config."""
+    kernels = {"mm": (bs._bsr_mm_kernel, _Launches()), "dw": (bs._sddmm_kernel, _Launches())}
+    monkeypatch.setattr(bs, "_bsr_mm_kernel", kernels["mm"][1])
+    monkeypatch.setattr(bs, "_sddmm_kernel", kernels["dw"][1])
+    monkeypatch.setattr(bs, "_scatter_kernel", _Launches())
+    block, m = 128, 1024
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, cols in [(8, 32), (32, 8)]:  # dW tasks by row, by column
+            info = build_block_mask_info(torch.rand(rows, cols) < 0.25, block)
+            x, dy = torch.empty(m, cols * block, dtype=dtype), torch.empty(m, rows * block, dtype=dtype)
+            if rows == 8:
+                packed = torch.empty(info.nnz, block, block, dtype=dtype)
+                bs.fwd_triton(x, None, None, info, packed)
+                bs.dx_triton(dy, None, info, packed)
+            outs = [torch.float32] if dtype == torch.float32 else [torch.float32, torch.bfloat16]
+            for out, splits in [(dtype, 1)] + [(o, 2) for o in outs]:  # stores; atomics into full / compact dW
+                bs.dw_triton(dy, x, info, out, splits)
+    mm, dw = _full_configs(("BM", "BK"), bs.MM_TILES), _full_configs(("BK",), bs.DW_TILES)
+    n_compiled = 0
+    for name, (kernel, launches) in kernels.items():
+        for args, kwargs in launches.calls:
+            named = dict(zip(kernel.arg_names, args))
+            if name == "mm":
+                need = lambda c, size=named["a_ptr"].element_size(): bs.mm_smem(c, block, size)
+                kept = bs.mm_configs_for(mm, block, named["a_ptr"].element_size(), H100_SMEM)
+            else:
+                need = lambda c, size=named["p_ptr"].element_size(): bs.dw_smem(c, block, 2, size)
+                kept = bs.dw_configs_for(dw, block, 2, named["p_ptr"].element_size(), H100_SMEM)
+            config = max(kept, key=need)
+            shared = _sm90_shared_bytes(kernel.fn, args, {**kwargs, **config.all_kwargs()})
+            assert shared <= need(config) + bs._SMEM_RESERVE <= H100_SMEM, (name, kwargs, str(config), shared)
+            n_compiled += 1
+    assert n_compiled == 2 * 2 + 2 * (3 + 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,6 +398,38 @@ def test_triton_dw_paths_bf16(splits, dtype):
         got = bs.dw_triton(dy, x, info, dtype, splits=splits)
         assert got.dtype == dtype
         assert _rel_err(got, bs.dw_ref(dy.float(), x.float(), info)) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparsity", [0.75, 0.9])
+@pytest.mark.parametrize(("in_f", "out_f"), [(4096, 1024), (1024, 4096)])
+def test_triton_gpt2_350m_mlp_shapes_match_reference(in_f, out_f, sparsity):
+    """nn.Linear(4096, 1024) and (1024, 4096) (GPT-2 350M's c_proj and c_fc) at b=128 and 16k tokens, forward and
+    backward: bf16 weights (dW split-K into the compact buffer, by row for 4096×1024: this ran out of shared memory
+    on the H100) and fp32 masters under autocast (the trainer's case, dW into the full fp32 buffer)."""
+    torch.manual_seed(4)
+    block, m = 128, 16384
+    rows, cols = out_f // block, in_f // block
+    mask = torch.zeros(rows * cols, dtype=torch.bool)
+    mask[torch.randperm(rows * cols)[: round((1 - sparsity) * rows * cols)]] = True
+    mask = mask.view(rows, cols)
+    info = build_block_mask_info(mask, block, "cuda")
+    x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(out_f, in_f, device="cuda") / in_f**0.5
+    dy = torch.randn(m, out_f, device="cuda", dtype=torch.bfloat16)
+    xr, wr = x.float().requires_grad_(), w.to(torch.bfloat16).float().requires_grad_()
+    yr = block_sparse_linear(xr, wr, None, info, backend="ref")
+    yr.backward(dy.float())
+    empty = expand_block_mask(mask.cuda(), block) == 0
+    for weight, amp in [(w.to(torch.bfloat16), False), (w, True)]:
+        xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            y = block_sparse_linear(xs, ws, None, info, backend="triton")
+        y.backward(dy)
+        assert y.dtype == torch.bfloat16 and ws.grad.dtype == weight.dtype
+        for got, want in [(y, yr), (xs.grad, xr.grad), (ws.grad, wr.grad)]:
+            assert _rel_err(got, want) < 2e-2
+        assert (ws.grad[empty] == 0).all()
 
 
 @pytest.mark.gpu
