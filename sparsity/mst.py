@@ -211,8 +211,17 @@ class DSTSchedule:
         return c.sparsity
 
     def target(self, step: int) -> float:
-        """The staircase the method follows: s(t) sampled every `stair` steps (§2)."""
-        return self.sparsity(step // self.stair * self.stair)
+        """The staircase the method follows: s(t) sampled every `stair` steps (§2).
+
+        Warm-up stairs sample the ramp at their start and restoration stairs at their end (capped at the run's
+        end), so the staircase mirrors in time as the ramps do: the first stair is dense (s(0) = initial) and so is
+        the last (s(T) = final). Sampling the restoration at stair starts left the run's last stair at the first
+        warm-up stair's sparsity (0.24 of 0.9 in configs/small), never dense.
+        """
+        start = step // self.stair * self.stair
+        if self.cfg.restore_frac > 0 and start >= self.restore_start:
+            return self.sparsity(min(start + self.stair, self.total))
+        return self.sparsity(start)
 
     def phase(self, step: int) -> int:
         if step < self.warmup_end:
