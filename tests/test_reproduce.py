@@ -91,6 +91,18 @@ def test_verdicts_follow_the_numbers():
     assert "not tested: run sat missing" in line("SAT reaches")
 
 
+def test_host_bound_caveat_reads_dense_mfu():
+    def runs(mfu: float) -> dict[str, rp.Result]:
+        dense = _result("dense", "dense", 3.0, 100.0, 10.0)
+        dense.meta = {"env": {"device_name": "NVIDIA H100 80GB HBM3"}}
+        for r in dense.records:
+            r["mfu"] = mfu
+        return {"dense": dense}
+
+    assert any("host and kernel-launch overhead" in c and "12.0% MFU" in c for c in rp.caveats(runs(0.12)))
+    assert not any("MFU" in c for c in rp.caveats(runs(0.40)))
+
+
 def _write_eval_data(root: Path) -> Path:
     text = " = Sparse training = \n The dense model learns the token mask . \n The weight @-@ layer . \n"
     for rel in ("wikitext/wikitext-2/wiki.test.tokens", "ptb/ptb.test.txt"):

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -436,6 +437,13 @@ def caveats(runs: dict[str, Result]) -> list[str]:
         out.append("The runs ran on different devices: wall-clock ratios compare the machines too.")
     if scales != {1.0}:
         out.append(f"Scaled runs (--scale {', '.join(map(str, sorted(scales)))}): a smoke test, not a reproduction.")
+    dense = runs.get("dense")
+    mfus = [x["mfu"] for x in dense.records if x.get("mfu")] if dense and dense.device not in ("cpu", "?") else []
+    if mfus and (mfu := statistics.median(mfus)) < 0.2:
+        out.append(f"Dense trained at a median {mfu:.1%} MFU: at this size the step is bound by host and kernel-launch "
+                   "overhead rather than by GEMM FLOPs, so the wall-clock ratios show each method's per-step "
+                   "overhead, not what its FLOP savings buy on a large model (results/bench-* times the methods at "
+                   "GPT-2 124M).")
     tokens = {r.last["tokens"] for r in runs.values()}
     if len(tokens) > 1:
         out.append(f"The runs saw different token counts ({', '.join(f'{t:,}' for t in sorted(tokens))}).")
