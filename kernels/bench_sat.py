@@ -1,23 +1,36 @@
-"""Benchmark SAT's sliced MLP and attention against the dense GPT-2 modules (sat.md §6, §8.10).
+"""Benchmark SAT's sliced MLP and attention against the dense GPT-2 modules, and whole SAT training steps (sat.md §6,
+§8.10).
 
     python -m kernels.bench_sat --out results/bench_sat.json
     python -m kernels.bench_sat --quick --out results/bench_sat_quick.json   # the headline rows only
 
-bf16 autocast with fp32 parameters, as in training; 16k tokens (16 x 1024); every timed iteration is forward +
-backward with .grad reset to None (grad_accum = 1: the gather and the full-size gradient scatter are paid on every
-call). Timing: CUDA events around each iteration after warm-up, median. Sliced rows use random sorted kept sets and
-are checked against the masked dense reference inside the run (max relative error over y and every gradient).
-The last section times whole GPT-2 124M training steps with the trainer's own step (train.setup/train_step on
-bench.py's RandomTokens; forward, backward, clipping, AdamW, SAT's scoring and selection included): train.steps
-1000 with SAT's defaults (10% dense warm-up, LORS at r0 = 0.5), timed from step 300, inside the sparse phase.
-Compiled variants are skipped once the time budget is spent.
+Modules: bf16 autocast with fp32 parameters, as in training; 16k tokens (16 x 1024). Every timed call is one forward
++ backward with .grad reset to None (grad_accum = 1: the gather and the full-size gradient scatter are paid on every
+call), timed with CUDA events after warm-up (median), in three modes that separate host overhead from GPU work:
+- eager: the module as it is (one launch per op, Python autograd.Function: host-bound when the GEMMs are small);
+- graph: the same eager fwd+bwd captured once in a CUDA graph and replayed: no host work, the GPU's own time;
+- compiled: torch.compile(module) (inductor fuses the gathers, casts, GELU and scatters), as in compiled training.
+A row's speedup is against the dense module of the same d and mode. Sliced rows use random sorted kept sets and are
+checked against the masked dense reference after their timed calls (max relative error over y and every gradient).
+
+Whole steps: the trainer's own step (train.setup / train_step on bench.py's RandomTokens: forward, backward,
+clipping, AdamW, SAT's scoring and selection) for each --steps-presets model, B=16 x T=1024, train.steps 1000 with
+SAT's defaults (10% dense warm-up, LORS at r0 = 0.5), timed from step 300 (inside the sparse phase) back to back
+without a sync in between, as in training; speedup against dense of the same preset and mode, and flops_ratio (the
+counted FLOPs against dense: 1 / flops_ratio is the speedup if time followed FLOPs).
+
+Order: the uncompiled MLP and attention rows and eager steps, the compiled whole steps, the attention graph rows,
+then the compiled modules; a compiled item starts only while --budget-s lasts (the rest are recorded as skipped).
+The JSON is rewritten after every row.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import typer
@@ -27,154 +40,231 @@ from core.config import load_config
 from kernels.benchutil import time_ms
 from kernels.sliced_attention import SlicedAttention, attention_ref
 from kernels.sliced_mlp import SlicedMLP, mlp_ref
-from model.gpt import MLP, CausalSelfAttention, GPTConfig
+from model.flops import dense_flops_per_token
+from model.gpt import MLP, PRESETS, CausalSelfAttention, GPTConfig
 from train import setup, train_step
 
 WIDTHS = {768: 12, 1024: 16, 1280: 20}  # GPT-2 124M / 350M / 774M: d -> heads
 B, T = 16, 1024
 
 
-def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        for p in module.parameters():
+def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str
+            ) -> tuple[Callable[[], None], Callable[[], list[torch.Tensor]]]:
+    """(one forward + backward of module on x in `mode`, the results of the latest call: [y, dx, *param grads]).
+
+    Every call starts from .grad = None, so a sliced module pays its full-size gradient scatter each time as the
+    dense one pays its full-size gradients. graph: warmed up on a side stream, then captured with the grads set to
+    None, so backward allocates them from the graph's pool and every replay rewrites them in place (whole-network
+    capture as the CUDA-graphs notes document it); autocast's cast cache is off, as they ask of captured autocast.
+    """
+    params = list(module.parameters())
+    fn = torch.compile(module) if mode == "compiled" else module
+    last: dict[str, torch.Tensor] = {}
+
+    def call() -> None:
+        for p in params:
             p.grad = None
         x.grad = None
-        with torch.autocast("cuda", torch.bfloat16):
-            y = module(x)
-        y.backward(dy)
+        with torch.autocast(x.device.type, torch.bfloat16, cache_enabled=mode != "graph"):
+            last["y"] = fn(x)
+        last["y"].backward(dy)
 
-    return step
+    def results() -> list[torch.Tensor]:
+        return [t.detach().clone() for t in (last["y"], x.grad, *(p.grad for p in params))]
+
+    if mode != "graph":
+        return call, results
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay, results
 
 
-def rel_err(fast: Callable[[], list], ref: Callable[[], list]) -> float:
-    """Largest ‖a - b‖ / ‖b‖ over the output and every gradient."""
-    return max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-               for a, b in zip(fast(), ref(), strict=True))
-
-
-def outputs(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dy: torch.Tensor, params: list) -> list:
+def reference(fn: Callable[..., torch.Tensor], x: torch.Tensor, dy: torch.Tensor, params: list, *args) -> list:
+    """[y, dx, *param grads] of fn(x, *params, *args) (a masked dense reference), eager under bf16 autocast."""
     x = x.detach().clone().requires_grad_()
     for p in params:
         p.grad = None
-    with torch.autocast("cuda", torch.bfloat16):
-        y = fn(x)
+    with torch.autocast(x.device.type, torch.bfloat16):
+        y = fn(x, *params, *args)
     y.backward(dy)
-    return [y, x.grad] + [p.grad.clone() for p in params]
+    return [y, x.grad] + [p.grad for p in params]
 
 
-def main(out: str = "results/bench_sat.json", budget_s: float = 150.0, iters: int = 20,
-         quick: bool = typer.Option(False, "--quick", help="only MLP d=768/1280, attention d=768 (eager) and the "
-                                    "whole step at r0 = 0.5 (eager and compiled)")) -> None:
-    """Time dense vs sliced MLP / attention fwd+bwd and whole SAT training steps on CUDA; write JSON."""
-    if not torch.cuda.is_available():
-        raise typer.BadParameter("needs a CUDA device")
-    t_start = time.time()
-    torch.manual_seed(0)
-    rows: list[dict] = []
+def rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """Largest ‖a - b‖ / ‖b‖ over the output and every gradient."""
+    return max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+               for a, b in zip(got, want, strict=True))
 
-    def record(**row) -> None:
-        rows.append(row)
+
+class Recorder:
+    """Rows so far, printed as they come and rewritten to `out` after each one (a killed run keeps them)."""
+
+    def __init__(self, out: Path, meta: dict, budget_s: float):
+        self.out, self.meta, self.budget_s, self.t0, self.rows = out, meta, budget_s, time.time(), []
+
+    def over_budget(self) -> bool:
+        return time.time() - self.t0 > self.budget_s
+
+    def __call__(self, **row) -> None:
+        self.rows.append(row)
         ms = f"{row['ms']:.3f}" if row.get("ms") is not None else "-"
         sp = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
-        err = f"{row['max_rel_err']:.1e}" if row.get("max_rel_err") is not None else "-"
-        print(f"{row['op']:<10} d={row['d']:<5} keep={row['keep']:<5} {'compiled' if row['compiled'] else 'eager':<8}"
-              f" {ms:>8} ms {sp:>7}  err {err}  {' '.join(row.get('overrides', []))} {row.get('error', '')}",
+        err = f" err {row['max_rel_err']:.1e}" if row.get("max_rel_err") is not None else ""
+        what = f"{row['op']:<5} {row.get('preset', '')} d={row['d']:<5} keep={row['keep']:<5} {row['mode']:<8}"
+        print(f"{what} {ms:>8} ms {sp:>7}{err} {' '.join(row.get('overrides', []))} {row.get('error', '')}",
               flush=True)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.meta | {"elapsed_s": time.time() - self.t0, "results": self.rows},
+                                       indent=2))
 
-    def run(op: str, d: int, keep: float, compiled: bool, module: torch.nn.Module, x, dy, dense_ms, check=None):
-        if compiled and time.time() - t_start > budget_s:
-            return record(op=op, d=d, keep=keep, compiled=compiled, ms=None, error="skipped: time budget")
-        try:
-            fn = torch.compile(module) if compiled else module
-            ms = time_ms(fwd_bwd(fn, x, dy), 5 if compiled else 3, iters)
-            err = check(fn, x, dy) if check is not None else None
-            record(op=op, d=d, keep=keep, compiled=compiled, ms=ms, max_rel_err=err,
-                   speedup=None if dense_ms is None else dense_ms / ms)
-            return ms
-        except Exception as e:  # a failing variant is a result too; the others still run
-            record(op=op, d=d, keep=keep, compiled=compiled, ms=None, error=f"{type(e).__name__}: {e}"[:300])
-        finally:
-            torch._dynamo.reset()
 
+def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON to write"),
+         budget_s: float = typer.Option(270.0, help="start no compiled item after this many seconds (an item "
+                                        "started before runs on through its compilation; bench.py allows 420 s)"),
+         iters: int = typer.Option(20, help="timed calls per module row"),
+         steps_presets: str = typer.Option("gpt2,gpt2-medium", help="model.preset names for the whole-step rows"),
+         quick: bool = typer.Option(False, "--quick", help="only MLP d=768/1280 and attention d=768 (eager, graph) "
+                                    "and whole steps of the first preset at r0 = 0.5 (eager, compiled)")) -> None:
+    """Time dense vs sliced MLP / attention fwd+bwd (eager, CUDA graph, compiled) and whole SAT training steps on
+    CUDA; write JSON."""
+    presets = [p for p in steps_presets.split(",") if p]
+    if not presets or any(p not in PRESETS for p in presets):
+        raise typer.BadParameter(f"--steps-presets: comma-separated names from {', '.join(PRESETS)}")
+    if not torch.cuda.is_available():
+        raise typer.BadParameter("needs a CUDA device")
+    torch.manual_seed(0)
+    record = Recorder(out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": B * T,
+                            "dtype": "bf16 autocast, fp32 params"}, budget_s)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {B * T} tokens, bf16 autocast", flush=True)
-    # eager everything first, then the compiled whole steps, then the compiled modules: the budget cuts the tail
-    modules(False, run, quick)
-    train_steps(False, t_start, budget_s, record, quick)
-    train_steps(True, t_start, budget_s, record, quick)
+    widths = [768, 1280] if quick else list(WIDTHS)
+    for mode in ("eager", "graph"):
+        mlp_rows(widths, mode, record, iters)
+    attn_rows([768] if quick else widths, "eager", record, iters)
+    train_steps(presets[0], "eager", record, extra_variants=not quick)
+    for preset in presets[:1] if quick else presets:
+        train_steps(preset, "compiled", record)
+    attn_rows([768] if quick else widths, "graph", record, iters)  # after the steps: cuDNN attention's capture is
+    # the least tried path here, and a failed capture must not cost the rows above
     if not quick:
-        modules(True, run, quick)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": B * T,
-              "dtype": "bf16 autocast, fp32 params", "results": rows}
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out} in {time.time() - t_start:.0f} s")
+        mlp_rows(widths, "compiled", record, iters)
+        attn_rows(widths, "compiled", record, iters)
+    print(f"wrote {out} in {time.time() - record.t0:.0f} s")
 
 
-def modules(compiled: bool, run: Callable[..., float | None], quick: bool = False) -> None:
-    """MLP at keep 100% (the dense module), 50%, 25%; attention at 100% and 50% of the heads; every width."""
-    for d, n_head in WIDTHS.items():
-        if quick and d not in (768, 1280):
-            continue
-        cfg = GPTConfig(n_layer=1, n_head=n_head, n_embd=d, block_size=T, bias=True)
-        x = torch.randn(B, T, d, device="cuda", requires_grad=True)  # dx is computed, as inside a model
-        dy = torch.randn(B, T, d, device="cuda", dtype=torch.bfloat16)
-        mlp = MLP(cfg).cuda()
-        dense = run("mlp", d, 1.0, compiled, mlp, x, dy, None)
+def module_row(record: Recorder, op: str, d: int, keep: float, mode: str, module: torch.nn.Module, x, dy,
+               iters: int, dense_ms: float | None = None, want: list | None = None) -> float | None:
+    """Time one module in one mode (and check its results against `want`); returns its ms (None if skipped or
+    failed)."""
+    row = dict(op=op, d=d, keep=keep, mode=mode)
+    if mode == "compiled" and record.over_budget():
+        return record(**row, ms=None, error="skipped: time budget")
+    try:
+        call, results = fwd_bwd(module, x, dy, mode)
+        ms = time_ms(call, 5 if mode == "compiled" else 3, iters)
+        err = rel_err(results(), want) if want is not None else None
+        record(**row, ms=ms, max_rel_err=err, speedup=None if dense_ms is None else dense_ms / ms)
+        return ms
+    except Exception as e:  # noqa: BLE001 (a failing variant is a result too; the others still run)
+        return record(**row, ms=None, error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        for p in module.parameters():  # graph mode: the grads live in the graph's pool; free it with the graph
+            p.grad = None
+        x.grad = None
+        torch._dynamo.reset()
+
+
+def _inputs(d: int, device: str, tokens: tuple[int, int]) -> tuple[GPTConfig, torch.Tensor, torch.Tensor]:
+    b, t = tokens
+    cfg = GPTConfig(n_layer=1, n_head=WIDTHS.get(d, 2), n_embd=d, block_size=t, bias=True)
+    x = torch.randn(b, t, d, device=device, requires_grad=True)  # dx is computed, as inside a model
+    return cfg, x, torch.randn(b, t, d, device=device, dtype=torch.bfloat16)
+
+
+def mlp_rows(widths: list[int], mode: str, record: Recorder, iters: int, device: str = "cuda",
+             tokens: tuple[int, int] = (B, T)) -> None:
+    """The MLP at keep 100% (the dense module), 50% and 25% of the channels."""
+    for d in widths:
+        cfg, x, dy = _inputs(d, device, tokens)
+        mlp = MLP(cfg).to(device)
+        w = [mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias]
+        dense = module_row(record, "mlp", d, 1.0, mode, mlp, x, dy, iters)
         for keep in (0.5, 0.25):
             sliced = SlicedMLP(mlp)
             sliced.set_kept(torch.randperm(4 * d)[: int(keep * 4 * d)].sort().values)
-            w = [mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias]
+            want = reference(mlp_ref, x, dy, w, sliced.kept)
+            module_row(record, "mlp", d, keep, mode, sliced, x, dy, iters, dense, want)
 
-            def check(fn, x, dy, sliced=sliced, w=w):
-                ref = lambda inp: mlp_ref(inp, *w, sliced.kept)
-                return rel_err(lambda: outputs(fn, x, dy, w), lambda: outputs(ref, x, dy, w))
 
-            run("mlp", d, keep, compiled, sliced, x, dy, dense, check)
-        if quick and d != 768:
-            continue
-        attn = CausalSelfAttention(cfg).cuda()
-        dense = run("attn", d, 1.0, compiled, attn, x, dy, None)
-        sliced = SlicedAttention(attn)
-        sliced.set_kept(torch.randperm(n_head)[: n_head // 2].sort().values)
+def attn_rows(widths: list[int], mode: str, record: Recorder, iters: int, device: str = "cuda",
+              tokens: tuple[int, int] = (B, T)) -> None:
+    """Attention with all heads (the dense module) and with half of them."""
+    for d in widths:
+        cfg, x, dy = _inputs(d, device, tokens)
+        attn = CausalSelfAttention(cfg).to(device)
         w = [attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias]
+        dense = module_row(record, "attn", d, 1.0, mode, attn, x, dy, iters)
+        sliced = SlicedAttention(attn)
+        sliced.set_kept(torch.randperm(cfg.n_head)[: cfg.n_head // 2].sort().values)
+        want = reference(attention_ref, x, dy, w, sliced.rows, sliced.cols, sliced.head_dim)
+        module_row(record, "attn", d, 0.5, mode, sliced, x, dy, iters, dense, want)
 
-        def check_attn(fn, x, dy, sliced=sliced, w=w):
-            ref = lambda inp: attention_ref(inp, *w, sliced.rows, sliced.cols, sliced.head_dim)
-            return rel_err(lambda: outputs(fn, x, dy, w), lambda: outputs(ref, x, dy, w))
 
-        run("attn", d, 0.5, compiled, sliced, x, dy, dense, check_attn)
-
-
-def train_steps(compiled: bool, t_start: float, budget_s: float, record: Callable[..., None],
-                quick: bool = False) -> None:
-    """Whole GPT-2 124M steps (B=16, T=1024) through train.train_step: dense, then SAT at r0 = 0.5 (and 0.75
-    with heads omitted too, eager, in the full run) with the default scoring (maxip on 1/16 of the tokens, sampling
-    at T=0.05, selection every step)."""
-    base = ["model.preset=gpt2", "model.block_size=1024", "train.batch_size=16", "train.steps=1000",
-            "train.grad_accum=1", "train.device=cuda", f"train.compile={str(compiled).lower()}"]
+def train_steps(preset: str, mode: str, record: Recorder, extra_variants: bool = False, device: str = "cuda",
+                tokens: tuple[int, int] = (B, T), iters: int = 10) -> None:
+    """Whole training steps of `preset` through train.train_step: dense, then SAT at r0 = 0.5 with its defaults
+    (maxip on 1/16 of the tokens, sampling at T=0.05, selection every step); extra_variants adds r0 = 0.75 and
+    r0 = 0.5 with heads omitted too."""
+    b, t = tokens
+    base = [f"model.preset={preset}", f"model.block_size={t}", f"train.batch_size={b}", "train.steps=1000",
+            "train.grad_accum=1", f"train.device={device}", f"train.compile={str(mode == 'compiled').lower()}"]
     variants = [("dense", 1.0, []), ("sat", 0.5, [])]
-    if not (quick or compiled):
+    if extra_variants:
         variants += [("sat", 0.25, ["sat.omission_rate=0.75"]), ("sat", 0.5, ["sat.omit_heads=true"])]
     dense_ms = None
     for method, keep, extra in variants:
-        row = dict(op="step", d=768, keep=keep, compiled=compiled, method=method, overrides=extra)
-        if compiled and time.time() - t_start > budget_s:
+        cfg = load_config(None, method, base + extra)
+        row = dict(op="step", preset=preset, d=cfg.model.n_embd, n_layer=cfg.model.n_layer, keep=keep, mode=mode,
+                   method=method, overrides=extra)
+        if mode == "compiled" and record.over_budget():
             record(**row, ms=None, error="skipped: time budget")
             continue
         try:
-            cfg = load_config(None, method, base + extra)
-            run = setup(cfg, data=RandomTokens(50257, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed))
-            steps = iter(range(300, cfg.train.steps))  # SAT: warm-up ends at 100, LORS holds r0 until 550
-            ms = time_ms(lambda run=run, steps=steps: train_step(run, next(steps)), 5, 10)
-            if method == "dense":
-                dense_ms = ms
-            speedup = None if method == "dense" or dense_ms is None else dense_ms / ms
-            extra_row = {"sat/omission_rate": run.method.metrics()["sat/omission_rate"]} if method == "sat" else {}
-            record(**row, ms=ms, speedup=speedup, **extra_row)
-        except Exception as e:
+            ms, stats = time_steps(cfg, iters)
+            dense_ms = ms if method == "dense" else dense_ms
+            record(**row, ms=ms, speedup=None if method == "dense" or dense_ms is None else dense_ms / ms, **stats)
+        except Exception as e:  # noqa: BLE001
             record(**row, ms=None, error=f"{type(e).__name__}: {e}"[:300])
         finally:
-            torch._dynamo.reset()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def time_steps(cfg, iters: int) -> tuple[float, dict[str, float]]:
+    """Median ms of `iters` steps from step 300 (SAT: the dense warm-up ends at 100, LORS holds r0 until 550) after
+    5 warm-up steps, and the step's FLOPs against dense (and SAT's omission rate)."""
+    torch._dynamo.reset()  # a fresh compile per model: dynamo's code cache is shared by every model in-process
+    run = setup(cfg, data=RandomTokens(50257, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed))
+    step = 300
+    if cfg.method == "sat":
+        # SAT's first step runs dense to collect the scores it selects from: run it uncompiled rather than pay a
+        # second whole-model compilation for a graph that no timed step uses
+        compiled, run.train_model = run.train_model, run.model
+        train_step(run, step)
+        run.train_model, step = compiled, step + 1
+    steps = iter(range(step, cfg.train.steps))
+    ms = time_ms(lambda: train_step(run, next(steps)), 5, iters, sync_each=False)
+    stats = {"flops_ratio": train_step(run, next(steps))[3] / (dense_flops_per_token(cfg.model) * run.tokens_per_step)}
+    if cfg.method == "sat":
+        stats["sat/omission_rate"] = run.method.metrics()["sat/omission_rate"]
+    return ms, stats
 
 
 if __name__ == "__main__":

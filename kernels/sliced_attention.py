@@ -38,7 +38,7 @@ class _RowSlicedLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)  # (n, k)
         dx = (dy2 @ wk).view(*dy.shape[:-1], wk.shape[1]).to(ctx.x_dtype) if need[0] else None
         dw = scatter(w, rows, 0, dy2.t() @ x2) if need[1] else None
-        db = scatter(b, rows, 0, dy2.sum(0)) if b is not None and need[2] else None
+        db = scatter(b, rows, 0, dy2.sum(0, dtype=b[1])) if b is not None and need[2] else None
         return dx, dw, db, None, None
 
 
@@ -62,7 +62,7 @@ class _ColSlicedLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)  # (n, out)
         dx = (dy2 @ wk).view(*dy.shape[:-1], wk.shape[1]).to(ctx.x_dtype) if need[0] else None
         dw = scatter(w, cols, 1, dy2.t() @ x2) if need[1] else None
-        db = dy2.sum(0).to(b[1]) if b is not None and need[2] else None
+        db = dy2.sum(0, dtype=b[1]) if b is not None and need[2] else None
         return dx, dw, db, None, None
 
 

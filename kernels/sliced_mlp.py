@@ -79,9 +79,9 @@ class _SlicedMLP(torch.autograd.Function):
         dh = torch.ops.aten.gelu_backward(da, h, approximate="tanh")  # gelu'(h) * da in one pass
         dx = (dh @ w1k).view(*dy.shape[:-1], w1k.shape[1]).to(ctx.x_dtype) if need[0] else None
         dw1 = scatter(w1, idx, 0, dh.t() @ x2) if need[1] else None
-        db1 = scatter(b1, idx, 0, dh.sum(0)) if b1 is not None and need[2] else None
+        db1 = scatter(b1, idx, 0, dh.sum(0, dtype=b1[1])) if b1 is not None and need[2] else None
         dw2 = scatter(w2, idx, 1, dy2.t() @ a) if need[3] else None
-        db2 = dy2.sum(0).to(b2[1]) if b2 is not None and need[4] else None
+        db2 = dy2.sum(0, dtype=b2[1]) if b2 is not None and need[4] else None
         return dx, dw1, db1, dw2, db2, None, None
 
 

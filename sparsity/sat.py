@@ -11,7 +11,8 @@ Scoring variants (`sat.variant`, sat.md §2):
   on_step_start(t), once per optimizer step, identical for all micro-batches; the fast path is then fully sparse
   and compiles to one graph per rung. The first step that needs statistics and has none runs dense.
 - "observe" [I] (the abstract's reading): each micro-batch computes its first projection densely, scores, selects
-  and then runs sliced. Selection happens inside the forward, once per micro-batch, so torch.compile graph-breaks.
+  and then runs sliced. Selection happens inside the forward, once per micro-batch, so torch.compile graph-breaks
+  there (once per sliced layer; the selection itself runs eagerly).
 `magnitude` uses only weights and always selects in on_step_start.
 
 Randomness: every selection draws from a torch.Generator on the parameters' device, re-seeded from (seed, step,
@@ -388,8 +389,13 @@ class SAT(Method):
             group.rows.copy_(rows)
             group.cols.copy_(cols)
 
+    @torch.compiler.disable
     def _observed(self, mod: nn.Module) -> None:
-        """variant=observe: the micro-batch's statistics are in; select for it now."""
+        """variant=observe: the micro-batch's statistics are in; select for it now.
+
+        Kept out of torch.compile: selection reads host state that changes every call (step, micro-batch, seed) and
+        re-seeds a torch.Generator, so tracing it recompiled on every micro-batch until dynamo's cache limit sent
+        the frames back to eager; disabled, it is one graph break per sliced layer, the same graphs every step."""
         layer = next(layer for layer in self.layers if layer.module is mod)
         self._select([layer], self.micro[layer.name])
         self.micro[layer.name] += 1

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from kernels.sliced_attention import head_slices
 from model.gpt import GPT, GPTConfig
@@ -316,3 +317,27 @@ def test_cuda_selection_never_syncs_the_host():
         model(*(t.cuda() for t in _batch(step, 0)))[1].backward()
     mlp = model.transformer.h[0].mlp
     assert mlp.kept.is_cuda and mlp.kept.numel() == 64 and mlp.kept.unique().numel() == 64
+
+
+@pytest.mark.slow  # ~10 s each on 2 CPU cores
+@pytest.mark.parametrize("variant", ["predict", "observe"])
+def test_compiled_step_recompiles_only_when_the_rung_changes(variant):
+    """torch.compile sees SAT's per-step state (kept sets rewritten in place, hooks bound once) without a graph break
+    (predict) and without recompiling inside a rung; observe breaks once per sliced layer by design (its selection
+    runs inside the forward). aot_eager: dynamo's guards and AOTAutograd's tracing, without inductor's codegen."""
+    torch._dynamo.reset()
+    counters.clear()
+    model, method, opt = _setup(omission_rate=0.5, total_steps=12, warmup_frac=0.25, lors_frac=0.5, lors_rungs=2,
+                                variant=variant)
+    compiled = torch.compile(model, backend="aot_eager")
+    graphs, rates = [], []
+    for step in range(12):  # dense 0-2 (2 observes for 3), r0 3-7, r0/2 8-9, dense 10-11
+        method_step(compiled, method, opt, step, [_batch(step, m) for m in range(2)])
+        graphs.append(counters["stats"]["unique_graphs"])
+        rates.append(method.rate)
+    torch._dynamo.reset()
+    assert rates[3:8] == [0.5] * 5 and rates[8:] == [0.25, 0.25, 0.0, 0.0]
+    assert graphs[3] == graphs[7] and graphs[10] == graphs[11]  # each rung compiles on its first step only
+    if variant == "predict":
+        assert graphs[9] == graphs[11]  # the dense last rung reuses the warm-up's graph
+        assert sum(counters["graph_break"].values()) == 0

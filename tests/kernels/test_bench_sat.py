@@ -1,0 +1,63 @@
+"""kernels/bench_sat.py: its rows on a tiny CPU config (the code path of the H100 run, no speed claims), and its
+three timing modes against the masked dense reference on CUDA."""
+
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from kernels import bench_sat
+from kernels.sliced_mlp import SlicedMLP, mlp_ref
+from model.gpt import MLP, GPTConfig
+
+
+def test_rows_on_cpu(tmp_path):
+    out = tmp_path / "sat.json"
+    record = bench_sat.Recorder(out, {"device": "cpu"}, budget_s=0.0)  # compiled items: skipped at once
+    small = dict(device="cpu", tokens=(2, 16))
+    bench_sat.mlp_rows([64], "eager", record, 2, **small)
+    bench_sat.attn_rows([64], "compiled", record, 2, **small)
+    bench_sat.train_steps("tiny", "eager", record, iters=2, **small)
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["op"], r["keep"], r["mode"]) for r in rows] == [
+        ("mlp", 1.0, "eager"), ("mlp", 0.5, "eager"), ("mlp", 0.25, "eager"),
+        ("attn", 1.0, "compiled"), ("attn", 0.5, "compiled"), ("step", 1.0, "eager"), ("step", 0.5, "eager")]
+    mlp, attn, steps = rows[:3], rows[3:5], rows[5:]
+    assert all(r["ms"] > 0 and "error" not in r for r in mlp + steps)
+    assert mlp[0]["speedup"] is None and all(r["speedup"] > 0 and r["max_rel_err"] < 2e-2 for r in mlp[1:])
+    assert all(r["error"] == "skipped: time budget" for r in attn)
+    assert steps[0]["flops_ratio"] == 1.0 and steps[1]["flops_ratio"] < 1.0
+    assert steps[1]["sat/omission_rate"] == 0.5 and steps[1]["speedup"] > 0
+
+
+def test_cli_rejects_unknown_presets():
+    app = typer.Typer()
+    app.command()(bench_sat.main)
+    result = CliRunner().invoke(app, ["--steps-presets", "gpt2,nope"])
+    assert result.exit_code == 2 and "steps-presets" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eager", "graph", "compiled"])
+def test_modes_match_the_masked_dense_reference_cuda(mode):
+    torch.manual_seed(0)
+    d = 256
+    mlp = MLP(GPTConfig(n_layer=1, n_head=4, n_embd=d, block_size=128, bias=True)).cuda()
+    sliced = SlicedMLP(mlp)
+    sliced.set_kept(torch.randperm(4 * d)[: 2 * d].sort().values)
+    w = [mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias]
+    x = torch.randn(4, 128, d, device="cuda", requires_grad=True)
+    dy = torch.randn(4, 128, d, device="cuda", dtype=torch.bfloat16)
+    call, results = bench_sat.fwd_bwd(sliced, x, dy, mode)
+    for _ in range(2):
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))  # a replay reads the new input and rewrites every gradient
+        call()
+        got = results()
+        assert bench_sat.rel_err(got, bench_sat.reference(mlp_ref, x, dy, w, sliced.kept)) < 2e-2
+    dense_call, dense_results = bench_sat.fwd_bwd(mlp, x, dy, mode)
+    dense_call()
+    eager = bench_sat.reference(lambda inp, *p: mlp(inp), x, dy, w)
+    assert bench_sat.rel_err(dense_results(), eager) < 2e-2
