@@ -88,9 +88,10 @@ class SATConfig:
     omit_mlp: bool = True
     """Omit MLP intermediate channels [P]."""
     omit_heads: bool = False
-    """Omit whole attention heads (at least one is kept) [P]. Off by default [R]: on the H100 (bf16, 16k tokens)
-    the sliced attention at keep 50% ran 0.85-0.92x of the dense module at d = 768-1280 (results/raw/
-    h100-sat-v1.json), so omitting heads slows the step down; kernels/bench_sat.py re-measures it."""
+    """Omit whole attention heads (at least one is kept) [P]. Off by default [R], until a compiled step with heads
+    is measured: the sliced attention at keep 50% first ran 0.70-0.92x of the dense module (results/raw/
+    h100-sat-v1/v2.json); v3 runs 1.52-1.65x as GPU work (CUDA graph) and, at 350M, eager steps with heads omitted
+    ran 1.25x of dense against 1.14x without (results/raw/h100-sat-v3.json)."""
     optimizer_mode: str = "zero_grad"
     """zero_grad: omitted rows get zero grads, AdamW still decays them and their moments (paper-like) [I];
     lazy: omitted rows and their optimizer state are left untouched by the step (sat.md §7)."""

@@ -590,6 +590,28 @@ def render(runs: dict[str, Result], out_root: Path, dest: Path, plots: list[Path
     return "\n".join(lines) + "\n"
 
 
+def summary(runs: dict[str, Result]) -> list[dict[str, Any]]:
+    """One record per run in results/'s JSON convention (method, device, config, command, torch, figures); speedup
+    is dense's training wall-clock over the run's (both from these run folders)."""
+    dense = runs.get("dense")
+    out = []
+    for r in runs.values():
+        rates = [x for x in r.records if x.get("tok_per_s")]
+        out.append({
+            "run": r.name, "method": r.method, "device": r.device, "config": r.meta.get("config"),
+            "command": (r.meta.get("commands", {}).get("train") or [None])[-1],
+            "torch": r.meta.get("env", {}).get("torch"), "model": r.model,
+            "tok_per_s": statistics.median(x["tok_per_s"] for x in rates) if rates else None,
+            "mfu": statistics.median(x["mfu"] for x in rates if x.get("mfu")) if any(x.get("mfu") for x in rates)
+            else None,
+            "speedup": dense.seconds / r.seconds if dense and r.seconds > 0 else None,
+            "train_seconds": r.seconds, "tokens": r.last["tokens"], "val_loss": r.val_loss,
+            "flops": r.flops, "flops_ratio": r.flops / dense.flops if dense else None,
+            "eval": {task: v for task, v in r.evals.items() if isinstance(v, dict) and task != "data"},
+        })
+    return out
+
+
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def report(
     out_root: Path = typer.Option(Path("out/reproduce-small"), help="the run folders written by `run`"),
@@ -606,7 +628,8 @@ def report(
     dest.mkdir(parents=True, exist_ok=True)
     plots = plot_runs([r.folder for r in runs.values()], dest) + method_plots(runs, dest)
     (dest / "REPORT.md").write_text(render(runs, out_root, dest, plots))
-    for p in [dest / "REPORT.md", *plots]:
+    (dest / "results.json").write_text(json.dumps(summary(runs), indent=2) + "\n")
+    for p in [dest / "REPORT.md", dest / "results.json", *plots]:
         typer.echo(str(p))
 
 
