@@ -189,8 +189,35 @@ def test_named_triton_backend_raises_when_it_cannot_run():
     if torch.cuda.is_available():
         pytest.skip("triton can run here")
     info = build_block_mask_info(torch.ones(1, 1, dtype=torch.bool), 32)
-    with pytest.raises(RuntimeError, match="cannot run"):
-        block_sparse_linear(torch.randn(3, 32), torch.randn(32, 32), None, info, backend="triton")
+    for _ in range(2):  # every call: the backend choice is cached, its refusal is not
+        with pytest.raises(RuntimeError, match="cannot run"):
+            block_sparse_linear(torch.randn(3, 32), torch.randn(32, 32), None, info, backend="triton")
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_fwd_bwd_launches(monkeypatch, w_dtype):
+    """The host work of one fwd+bwd is these launches, nothing per block or per layer: W packed once (the forward
+    and dX share it), one kernel per GEMM, and for a 16-bit dW reduced over split token chunks its cast pass."""
+    launches = []
+
+    class Stub:
+        def __init__(self, name: str):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    for name in ("_pack_kernel", "_bsr_mm_kernel", "_sddmm_kernel", "_scatter_kernel"):
+        monkeypatch.setattr(bs, name, Stub(name))
+    info = build_block_mask_info(torch.ones(1, 2, dtype=torch.bool), 32)
+    x = torch.randn(4096, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(32, 64, dtype=w_dtype, requires_grad=True)
+    assert bs.dw_splits(4096, info.task_fixed.numel(), x.device) > 1  # the split-K path (4 "SMs" on a CPU)
+    y = bs._BlockSparseLinearFn.apply(x, w, None, info, bs.IMPLS["triton"], False)
+    y.backward(torch.randn_like(y))
+    scatter = ["_scatter_kernel"] if w_dtype != torch.float32 else []
+    assert launches == ["_pack_kernel", "_bsr_mm_kernel", "_bsr_mm_kernel", "_sddmm_kernel", *scatter]
+    assert w.grad.dtype == w_dtype
 
 
 # The Triton kernels in the interpreter. It must be switched on before triton is imported, so this runs in a child
@@ -455,3 +482,44 @@ def test_module_on_gpu_under_autocast_with_dense_wgrad():
         assert _rel_err(y, yr) < 2e-2
         want = w.grad if not dense_wgrad else (2 * yr.detach()).reshape(-1, 512).t() @ x.reshape(-1, 256)
         assert _rel_err(mod.weight.grad, want) < 3e-2
+
+
+@pytest.mark.gpu
+def test_module_fwd_bwd_replays_from_a_cuda_graph():
+    """One fwd+bwd captured in a CUDA graph (bench_block_sparse's graph mode, CUDA-graph training): nothing on the
+    per-call path syncs with the host or reads host state a replay would miss, so replays on new inputs match eager
+    calls (fp32 masters under autocast, with bias; dW split-K into the fp32 grad)."""
+    torch.manual_seed(5)
+    mod = BlockSparseLinear(256, 512, block=64).cuda()
+    mask = torch.rand(8, 4) < 0.5
+    mask[0, 0] = True
+    mod.set_block_mask(mask)
+    x = torch.randn(4096, 256, device="cuda", requires_grad=True)
+    dy = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16)
+    leaves = [x, mod.weight, mod.bias]
+
+    def call() -> torch.Tensor:
+        for t in leaves:
+            t.grad = None
+        with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+            y = mod(x)
+        y.backward(dy)
+        return y.detach()  # a live autograd graph would keep AccumulateGrad nodes of another stream
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = call()
+    static = [y_static, *(t.grad for t in leaves)]
+    for _ in range(2):
+        with torch.no_grad():
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        eager = [call(), *(t.grad for t in leaves)]
+        for got, want in zip(static, eager, strict=True):
+            assert _rel_err(got, want) < 1e-4  # the dW atomics may add in another order
