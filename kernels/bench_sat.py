@@ -133,7 +133,9 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
          iters: int = typer.Option(20, help="timed calls per module row"),
          steps_presets: str = typer.Option("gpt2,gpt2-medium", help="model.preset names for the whole-step rows"),
          quick: bool = typer.Option(False, "--quick", help="only MLP d=768/1280 and attention d=768 (eager, graph) "
-                                    "and whole steps of the first preset at r0 = 0.5 (eager, compiled)")) -> None:
+                                    "and whole steps of the first preset at r0 = 0.5 (eager, compiled)"),
+         steps_only: bool = typer.Option(False, "--steps-only", help="only compiled whole steps, every variant (r0 "
+                                         "0.5, r0 0.75, heads omitted too) for each --steps-presets model")) -> None:
     """Time dense vs sliced MLP / attention fwd+bwd (eager, CUDA graph, compiled) and whole SAT training steps on
     CUDA; write JSON."""
     presets = [p for p in steps_presets.split(",") if p]
@@ -145,6 +147,11 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
     record = Recorder(out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": B * T,
                             "dtype": "bf16 autocast, fp32 params"}, budget_s)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {B * T} tokens, bf16 autocast", flush=True)
+    if steps_only:
+        for preset in presets:
+            train_steps(preset, "compiled", record, extra_variants=True)
+        print(f"wrote {out} in {time.time() - record.t0:.0f} s")
+        return
     widths = [768, 1280] if quick else list(WIDTHS)
     mlp_rows(widths, "eager", record, iters)
     attn_rows([768] if quick else widths, "eager", record, iters)
