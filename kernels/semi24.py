@@ -117,9 +117,25 @@ def mask_24_ref(w: torch.Tensor) -> torch.Tensor:
     return keep.reshape(w.shape)
 
 
-def flipped_entries(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-    """Number of mask entries that differ between two pattern-index masks, as a device int64 scalar (no sync)."""
-    return _on("diff", cur.device)[prev.long() * 90 + cur.long()].sum()
+def flipped_entries(prev: torch.Tensor, cur: torch.Tensor, parts: int | None = None) -> torch.Tensor:
+    """Number of mask entries that differ between two pattern-index masks, as a device int64 scalar (no sync).
+
+    parts: the masks are `parts` equal masks stacked along dim 0 (transposable_search_stacked); returns (parts,).
+    """
+    diff = _on("diff", cur.device)[prev.long() * 90 + cur.long()]
+    return diff.sum() if parts is None else diff.reshape(parts, -1).sum(1)
+
+
+def transposable_search_stacked(ws: Sequence[torch.Tensor], backend: str = "auto") -> torch.Tensor:
+    """transposable_search of same-shaped weights (R, C) in one call: their indices stacked, (len(ws) * R/4, C/4).
+
+    Blocks are scored independently, so the result equals the per-weight searches concatenated; one launch (and one
+    copy of the weights) replaces len(ws) searches, each with its own table upload and launch overhead.
+    """
+    if len({tuple(w.shape) for w in ws}) != 1:
+        raise ValueError(f"stacked search needs weights of one shape, got {sorted({tuple(w.shape) for w in ws})}")
+    with torch.no_grad():
+        return transposable_search(torch.cat(list(ws)) if len(ws) > 1 else ws[0], backend)
 
 
 # ------------------------------------------------------------------------------------------------------- MVUE

@@ -4,8 +4,9 @@ Per optimizer step (the trainer's hook order, sparsity/base.py):
 - the FFN linears (`mlp.c_fc`, `mlp.c_proj`) run as `Linear24`: Y = X W̃ᵀ, dX = dY W̃, dW = MVUE(dYᵀ) X with
   W̃ = M⊙W, straight-through (the dense dW reaches the dense W, so pruned weights keep learning and can return);
 - before_optimizer_step (after clipping): masked decay on the gradient, g += λ(1−M)⊙W, so Adam's moments see it;
-- after_optimizer_step: one transposable search per layer gives the shadow mask m(w_t); its difference to
-  m(w_{t-1}) is the flip rate (spec §4), kept on the device until metrics() is read. Every `mask_interval`
+- after_optimizer_step: one transposable search per group of same-shaped layers (all c_fc at once, all c_proj at
+  once) gives the shadow masks m(w_t); their difference to m(w_{t-1}) is the flip rate (spec §4), kept on the device
+  until metrics() is read. Every `mask_interval`
   steps the shadow mask becomes M; the packed W̃ is rebuilt from W under M at the next forward, every step;
 - the last `dense_ft_fraction` of the steps is the dense fine-tune: plain F.linear, no decay.
 
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from kernels.semi24 import Linear24, SparseMLP24, flipped_entries, transposable_search
+from kernels.semi24 import Linear24, SparseMLP24, flipped_entries, transposable_search_stacked
 from model.flops import FlopProfile, LinearCost
 from model.gpt import GPTConfig
 from sparsity.base import Method
@@ -135,7 +136,10 @@ class Semi24(Method):
         self.df_start = total_steps - round(total_steps * cfg.dense_ft_fraction)  # first dense fine-tune step
         self.phase = 0  # 0 sparse, 1 dense fine-tune
         self.layers: dict[str, Linear24] = {}
-        self.shadow: dict[str, torch.Tensor] = {}  # m(w_{t-1}) as pattern indices per layer
+        self.shadow: dict[str, torch.Tensor] = {}  # m(w_{t-1}) as pattern indices per layer (views of _shadow)
+        self.groups: list[list[str]] = []  # sparse layers of one weight shape: searched together
+        self._shadow: list[torch.Tensor] = []  # per group: its layers' shadow masks stacked along dim 0
+        self._group_pos: list[torch.Tensor] = []  # per group: its layers' positions in self.flips
         self.flips: torch.Tensor | None = None  # (layers,) int64 on the device: entries flipped by the last step
         self.decay_curves: dict[float, list[float]] = {}
         self.decay_verdict: dict[float, str] = {}
@@ -158,10 +162,15 @@ class Semi24(Method):
             swap_modules(model, mlps, lambda n, old: SparseMLP24(old))
         device = next(iter(self.layers.values())).weight.device
         self.flips = torch.zeros(len(names), dtype=torch.int64, device=device)
+        shapes: dict[tuple[int, ...], list[str]] = {}
         for name, m in self.layers.items():
-            idx = self._search(m)
-            m.set_mask(idx)
-            self.shadow[name] = idx
+            shapes.setdefault(tuple(m.weight.shape), []).append(name)
+        self.groups = list(shapes.values())
+        self._group_pos = [torch.tensor([names.index(n) for n in g], device=device) for g in self.groups]
+        self._shadow = [self._search(g) for g in self.groups]
+        self._split_shadow()
+        for name, m in self.layers.items():
+            m.set_mask(self.shadow[name])
         self._broadcast_masks()
         return model
 
@@ -180,20 +189,23 @@ class Semi24(Method):
     @torch.no_grad()
     def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
         if self.phase == 0 and self.decay > 0:
-            for m in self.layers.values():
-                if m.weight.grad is not None:  # g += λ(1−M)⊙W, after clipping (spec §3)
-                    m.weight.grad.add_(m.weight.masked_fill(m.mask, 0.0), alpha=self.decay)
+            live = [m for m in self.layers.values() if m.weight.grad is not None]
+            if live:  # g += λ(1−M)⊙W, after clipping (spec §3); one multi-tensor add for every layer
+                torch._foreach_add_([m.weight.grad for m in live], [m.weight.masked_fill(m.mask, 0.0) for m in live],
+                                    alpha=self.decay)
         return True
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         refresh = self.phase == 0 and (step + 1) % self.cfg.mask_interval == 0
-        for i, (name, m) in enumerate(self.layers.items()):
-            idx = self._search(m)
-            self.flips[i] = flipped_entries(self.shadow[name], idx)
-            self.shadow[name] = idx
+        for g, names in enumerate(self.groups):
+            idx = self._search(names)
+            self.flips.index_copy_(0, self._group_pos[g], flipped_entries(self._shadow[g], idx, len(names)))
+            self._shadow[g] = idx
+        self._split_shadow()
+        for name, m in self.layers.items():
             if refresh:
-                m.set_mask(idx)
+                m.set_mask(self.shadow[name])
             m.invalidate()  # W changed: re-pack W̃ from W under the (frozen) mask at the next forward
         if refresh:
             self._broadcast_masks()
@@ -228,7 +240,8 @@ class Semi24(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for n, m in self.layers.items():
             m.set_mask(state["mask_index"][n].to(m.weight.device))
-            self.shadow[n] = state["shadow"][n].to(m.weight.device)
+        self._shadow = [torch.cat([state["shadow"][n] for n in g]).to(self.flips.device) for g in self.groups]
+        self._split_shadow()
         self.flips = state["flips"].to(self.flips.device)
         self.decay, self.phase = state["decay"], state["phase"]
         self.decay_curves, self.decay_verdict = state["decay_curves"], state["decay_verdict"]
@@ -236,8 +249,13 @@ class Semi24(Method):
             m.dense = bool(self.phase)
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _search(self, m: Linear24) -> torch.Tensor:
-        return transposable_search(m.weight, "ref" if self.cfg.backend == "ref" else "auto")
+    def _search(self, names: list[str]) -> torch.Tensor:
+        ws = [self.layers[n].weight for n in names]
+        return transposable_search_stacked(ws, "ref" if self.cfg.backend == "ref" else "auto")
+
+    def _split_shadow(self) -> None:
+        for names, stacked in zip(self.groups, self._shadow, strict=True):
+            self.shadow.update(zip(names, stacked.chunk(len(names)), strict=True))
 
     def _broadcast_masks(self) -> None:
         # Identical weights give identical masks, but a rank-0 broadcast makes agreement a guarantee.

@@ -373,3 +373,15 @@ def test_gpu_graphed_mvue_draws_change_per_micro_step_and_stay_unbiased():
     one_a, one_b = mean_dw(mlp, 1), mean_dw(mlp, 1)
     assert not torch.equal(one_a, one_b), "the replayed MVUE seed did not advance"
     assert _rel(mean_dw(mlp, 64), exact) < 0.5 * _rel(one_a, exact)  # unbiased: the noise averages out
+
+
+def test_stacked_search_equals_per_weight_searches():
+    g = torch.Generator().manual_seed(3)
+    ws = [torch.randn(32, 16, generator=g) for _ in range(3)]
+    stacked = s.transposable_search_stacked(ws, "ref")
+    assert torch.equal(stacked, torch.cat([s.transposable_search_ref(w) for w in ws]))
+    prev = s.transposable_search_stacked([w.flip(0) for w in ws], "ref")
+    per = [s.flipped_entries(p, c) for p, c in zip(prev.chunk(3), stacked.chunk(3), strict=True)]
+    assert torch.equal(s.flipped_entries(prev, stacked, 3), torch.stack(per))
+    with pytest.raises(ValueError, match="one shape"):
+        s.transposable_search_stacked([ws[0], ws[0].t()])

@@ -175,3 +175,63 @@ def test_search_decay_runs_trials_on_copies():
     assert set(method.decay_curves) == {1e-4, 1e-1} and all(len(c) == 3 for c in method.decay_curves.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert method.metrics()["2of4/decay"] == lam
+
+
+class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops dispatched inside it (what each costs a launch, or host time, on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _hook_ops(n_layer: int) -> tuple[int, int]:
+    torch.manual_seed(0)
+    mcfg = GPTConfig(preset="tiny", n_layer=n_layer, block_size=16, vocab_size=64)
+    model = GPT(mcfg)
+    method = Semi24(Semi24Config(backend="ref", decay=0.5), mcfg, total_steps=100, seed=0)
+    model = method.attach(model)
+    opt = model.configure_optimizer(weight_decay=0.1, lr=LR, betas=(0.9, 0.95), device_type="cpu")
+    method_step(model, method, opt, 0, [_batch(0)])
+    _, loss = model(*_batch(1))
+    loss.backward()
+    with _OpCount() as before:
+        method.before_optimizer_step(1, opt)
+    opt.step()
+    with _OpCount() as after:
+        method.after_optimizer_step(1, opt)  # step 1: not a refresh step
+    return len(before.ops), len(after.ops)
+
+
+def test_per_step_hooks_batch_layers_of_one_shape():
+    """The mask search and flip count run once per weight shape, not once per layer (they were 19 ops a layer), and
+    the masked decay is one multi-tensor add; the bool masks still cost one masked_fill per layer."""
+    (b2, a2), (b6, a6) = _hook_ops(2), _hook_ops(6)
+    assert a6 == a2
+    assert b6 - b2 == 2 * (6 - 2)  # one masked_fill per added sparse linear (2 per block), nothing else
+
+
+def test_step_has_no_host_sync():
+    """No .item() / nonzero / data-dependent shape in a training step's method work: the host never waits."""
+    model, method, opt = _setup(decay=0.5, mask_interval=2)
+    method_step(model, method, opt, 0, [_batch(0)])
+    syncing = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique2"}
+    c = _OpCount()
+    with c:  # train.train_step's order; step 1 refreshes the mask (interval 2)
+        method.on_step_start(1)
+        method.flop_profile(1)
+        for _ in range(2):
+            _, loss = model(*_batch(1))
+            (loss / 2).backward()
+        method.after_backward(1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        assert method.before_optimizer_step(1, opt)
+    opt.step()  # CPU AdamW reads its step count with .item(); the trainer's fused CUDA AdamW does not
+    with c:
+        method.after_optimizer_step(1, opt)
+    assert "aten.mm" in c.ops  # the step ran under the counter
+    assert syncing.isdisjoint(c.ops), sorted(syncing & set(c.ops))
