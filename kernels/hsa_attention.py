@@ -411,28 +411,53 @@ def _same_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-class _HSAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, stride):
-        q, k, v = _same_layout(q, k, v)
-        o, lse = _hsa_forward(q, k, v, stride)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.stride = stride
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _hsa_backward(q, k, v, o, lse, do, ctx.stride)
-        return dq, dk, dv, None
+# The kernels as torch.library custom ops: torch.compile sees one opaque op per pass (shapes from the fakes below)
+# instead of a graph break. A break inside a block made dynamo run GPT.forward's loop over blocks eagerly and split
+# every block into pieces, on top of the kernel's own time.
+@torch.library.custom_op("sparse_pretrain::hsa_fwd", mutates_args=())
+def _hsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _hsa_forward(*_same_layout(q, k, v), stride)
 
 
-@torch.compiler.disable  # eager inside compiled models: dynamo would otherwise trace into the launch code
+@_hsa_fwd_op.register_fake
+def _(q, k, v, stride):
+    B, H, T, D = q.shape
+    return q.new_empty((B, H, T, D)), q.new_empty((B * H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_pretrain::hsa_bwd", mutates_args=())
+def _hsa_bwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+    stride: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _same_layout(q, k, v)
+    return _hsa_backward(q, k, v, o, lse, do, stride)
+
+
+@_hsa_bwd_op.register_fake
+def _(q, k, v, o, lse, do, stride):
+    return torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
+
+
+def _hsa_setup(ctx, inputs, output) -> None:
+    q, k, v, stride = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.stride = stride
+
+
+def _hsa_grad(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return (*_hsa_bwd_op(q, k, v, o, lse, do, ctx.stride), None)
+
+
+_hsa_fwd_op.register_autograd(_hsa_grad, setup_context=_hsa_setup)
+
+
 def hsa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int) -> torch.Tensor:
     """Mode 'sparse' HSA computing only the kept pairs (forward and backward). q, k, v: (B, nh, T, hs) on CUDA
     (or CPU tensors under TRITON_INTERPRET=1); bf16/fp16 (fp32 runs with TF32 dots on a GPU)."""
     _check(q.size(-2), stride, "sparse")
-    return _HSAFunction.apply(q, k, v, stride)
+    return _hsa_fwd_op(q, k, v, stride)[0]
 
 
 IMPLS: dict[str, Callable[..., torch.Tensor]] = {"triton": hsa_attention_triton, "ref": hsa_attention_ref}

@@ -107,14 +107,15 @@ def test_make_hsa_attend_plugs_into_gpt():
         make_hsa_attend(4, "bigbird")
 
 
-# The Triton kernel under the CPU interpreter, in a subprocess so TRITON_INTERPRET never reaches other tests.
+# The Triton kernel under the CPU interpreter, in a subprocess so TRITON_INTERPRET never reaches other tests; then
+# the same kernels inside a compiled GPT.
 # q, k, v are strided views of one (B, T, 3, nh, hs) tensor, as the model's c_attn split makes them.
 _INTERPRETER_SCRIPT = textwrap.dedent(
     """
     import tests.triton_interp  # noqa: F401  (interpreter on, numpy shim)
     import torch
 
-    from kernels.hsa_attention import _HSAFunction, hsa_attention_ref
+    from kernels.hsa_attention import hsa_attention_ref, hsa_attention_triton
     torch.manual_seed(0)
     # (B, H, T, l, hs): l below, at and above the 64-row block, T ragged against l and the block, l not a power of
     # two, l = 1, l > T, and a tile of 128 residue rows (T / l > 64).
@@ -124,7 +125,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         base = torch.randn(B, T, 3, H, D)
         qkv = base.clone().requires_grad_()
         q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
-        out = _HSAFunction.apply(q, k, v, l)
+        out = hsa_attention_triton(q, k, v, l)
         dout = torch.randn_like(out)
         out.backward(dout)
         ref_in = [base[:, :, n].transpose(1, 2).clone().requires_grad_() for n in range(3)]
@@ -133,6 +134,22 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
         for n in range(3):
             torch.testing.assert_close(qkv.grad[:, :, n].transpose(1, 2), ref_in[n].grad, atol=1e-5, rtol=1e-4)
+
+    # Inside a compiled GPT the kernels are custom ops: one graph, no break (fullgraph raises on any), same numbers.
+    from model.gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64, bias=False))
+    for block in model.transformer.h:
+        block.attn.attend = lambda q, k, v, dropout_p=0.0: hsa_attention_triton(q, k, v, 8)
+    idx = torch.randint(0, 64, (2, 64))
+    want = model(idx, idx)[1]
+    want.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, idx)[1]
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
     print("ok")
     """
 )
