@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 
 from kernels import block_sparse as bs
-from kernels.benchutil import rel_err, time_ms
+from kernels.benchutil import capture, rel_err, time_ms
 
 SHAPES = [(1024, 4096), (4096, 1024), (768, 3072), (3072, 768)]  # (in, out) of nn.Linear(in, out)
 SPARSITIES = [0.0, 0.5, 0.75, 0.9]
@@ -82,16 +82,7 @@ def fwd_bwd(
 
     if mode == "eager":
         return call
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    return graph.replay
+    return capture(call)[0].replay
 
 
 def host_ms(fn: Callable[[], object], reps: int) -> float:

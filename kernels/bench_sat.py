@@ -37,7 +37,7 @@ import typer
 
 from bench import RandomTokens
 from core.config import load_config
-from kernels.benchutil import time_ms
+from kernels.benchutil import capture, time_ms
 from kernels.sliced_attention import SlicedAttention, attention_ref
 from kernels.sliced_mlp import SlicedMLP, mlp_ref
 from model.flops import dense_flops_per_token
@@ -74,16 +74,7 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: st
 
     if mode != "graph":
         return call, results
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    return graph.replay, results
+    return capture(call)[0].replay, results
 
 
 def reference(fn: Callable[..., torch.Tensor], x: torch.Tensor, dy: torch.Tensor, params: list, *args) -> list:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import semi24 as s
-from kernels.benchutil import time_ms
+from kernels.benchutil import capture, time_ms
 from model.gpt import MLP, GPTConfig
 
 _T0 = time.perf_counter()
@@ -288,9 +288,7 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
                 sp[f"gemm_{g}"] = ms[f"gemm_{g}_dense"] / ms[f"gemm_{g}_sparse"]
                 default = lambda: torch._cslt_sparse_mm(a_c, b, transpose_result=tr)
                 ms[f"gemm_{g}_sparse_default_alg"] = time_ms(default, warmup, reps)
-                graph = torch.cuda.CUDAGraph()  # replay: the kernel without per-call host setup
-                with torch.cuda.graph(graph):
-                    sparse()
+                graph, _ = capture(sparse, warmup=0)  # replay: the kernel without per-call host setup
                 ms[f"gemm_{g}_sparse_graph"] = time_ms(graph.replay, warmup, reps)
                 sp[f"gemm_{g}_graph"] = ms[f"gemm_{g}_dense"] / ms[f"gemm_{g}_sparse_graph"]
             row.run(f"gemm_{g}", one, budget_s)

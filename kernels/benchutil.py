@@ -33,6 +33,23 @@ def time_ms(fn: Callable[[], object], warmup: int, reps: int, sync_each: bool = 
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def capture(fn: Callable[[], object], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn captured in a CUDA graph after `warmup` calls on a side stream (they also finish Triton autotuning and
+    cuBLAS/cuSPARSELt setup, which cannot run inside a capture); returns the graph and what the captured call
+    returned (static tensors that every replay overwrites). Nothing fn reads may keep an autograd graph from an
+    earlier call alive: its AccumulateGrad nodes belong to another stream and the capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|, in fp32."""
     want = want.float()

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import select, triton_available
+from kernels.benchutil import capture
 
 log = logging.getLogger(__name__)
 
@@ -287,14 +288,7 @@ def _time_ms(fn, reps: int = 5) -> float:
 def _time_graph_ms(fn, reps: int = 5) -> float:
     """ms per replay of fn captured in a CUDA graph: the GEMM as graph mode runs it, without host overhead."""
     with torch.autocast("cuda", enabled=False):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph, _ = capture(fn, warmup=1)
     return _time_ms(graph.replay, reps)
 
 

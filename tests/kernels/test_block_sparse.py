@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import triton
 
 from kernels import block_sparse as bs
+from kernels.benchutil import capture
 from kernels.block_sparse import (
     BlockSparseLinear,
     block_scores,
@@ -506,15 +507,7 @@ def test_module_fwd_bwd_replays_from_a_cuda_graph():
         y.backward(dy)
         return y.detach()  # a live autograd graph would keep AccumulateGrad nodes of another stream
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y_static = call()
+    graph, y_static = capture(call)
     static = [y_static, *(t.grad for t in leaves)]
     for _ in range(2):
         with torch.no_grad():
