@@ -136,9 +136,8 @@ class Semi24(Method):
         self.df_start = total_steps - round(total_steps * cfg.dense_ft_fraction)  # first dense fine-tune step
         self.phase = 0  # 0 sparse, 1 dense fine-tune
         self.layers: dict[str, Linear24] = {}
-        self.shadow: dict[str, torch.Tensor] = {}  # m(w_{t-1}) as pattern indices per layer (views of _shadow)
         self.groups: list[list[str]] = []  # sparse layers of one weight shape: searched together
-        self._shadow: list[torch.Tensor] = []  # per group: its layers' shadow masks stacked along dim 0
+        self._shadow: list[torch.Tensor] = []  # per group: m(w_{t-1}) of its layers as pattern indices, stacked
         self._group_pos: list[torch.Tensor] = []  # per group: its layers' positions in self.flips
         self.flips: torch.Tensor | None = None  # (layers,) int64 on the device: entries flipped by the last step
         self.decay_curves: dict[float, list[float]] = {}
@@ -168,9 +167,8 @@ class Semi24(Method):
         self.groups = list(shapes.values())
         self._group_pos = [torch.tensor([names.index(n) for n in g], device=device) for g in self.groups]
         self._shadow = [self._search(g) for g in self.groups]
-        self._split_shadow()
-        for name, m in self.layers.items():
-            m.set_mask(self.shadow[name])
+        for name, idx in self.shadow.items():
+            self.layers[name].set_mask(idx)
         self._broadcast_masks()
         return model
 
@@ -202,10 +200,10 @@ class Semi24(Method):
             idx = self._search(names)
             self.flips.index_copy_(0, self._group_pos[g], flipped_entries(self._shadow[g], idx, len(names)))
             self._shadow[g] = idx
-        self._split_shadow()
+        shadow = self.shadow if refresh else {}
         for name, m in self.layers.items():
             if refresh:
-                m.set_mask(self.shadow[name])
+                m.set_mask(shadow[name])
             m.invalidate()  # W changed: re-pack W̃ from W under the (frozen) mask at the next forward
         if refresh:
             self._broadcast_masks()
@@ -241,7 +239,6 @@ class Semi24(Method):
         for n, m in self.layers.items():
             m.set_mask(state["mask_index"][n].to(m.weight.device))
         self._shadow = [torch.cat([state["shadow"][n] for n in g]).to(self.flips.device) for g in self.groups]
-        self._split_shadow()
         self.flips = state["flips"].to(self.flips.device)
         self.decay, self.phase = state["decay"], state["phase"]
         self.decay_curves, self.decay_verdict = state["decay_curves"], state["decay_verdict"]
@@ -253,9 +250,11 @@ class Semi24(Method):
         ws = [self.layers[n].weight for n in names]
         return transposable_search_stacked(ws, "ref" if self.cfg.backend == "ref" else "auto")
 
-    def _split_shadow(self) -> None:
-        for names, stacked in zip(self.groups, self._shadow, strict=True):
-            self.shadow.update(zip(names, stacked.chunk(len(names)), strict=True))
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        """m(w_{t-1}) per layer: views of the stacked per-group masks."""
+        return {n: t for names, stacked in zip(self.groups, self._shadow, strict=True)
+                for n, t in zip(names, stacked.chunk(len(names)), strict=True)}
 
     def _broadcast_masks(self) -> None:
         # Identical weights give identical masks, but a rank-0 broadcast makes agreement a guarantee.
