@@ -19,6 +19,11 @@ SAT's defaults (10% dense warm-up, LORS at r0 = 0.5), timed from step 300 (insid
 without a sync in between, as in training; speedup against dense of the same preset and mode, and flops_ratio (the
 counted FLOPs against dense: 1 / flops_ratio is the speedup if time followed FLOPs).
 
+--whole-run: compiled whole steps at each omission rate of SAT's default ladder (r0, the rungs, the dense rate 0),
+each timed at a constant rate, and the whole-run speedup they add up to over the schedule's steps, dense warm-up
+and dense last rung included (continual: no warm-up, as configs/sat-gpt2.toml; scratch: 10% dense warm-up).
+Compilation (once per rung in training) is not in it.
+
 Order: the eager MLP and attention rows and eager steps, the compiled whole steps, the CUDA-graph rows, then the
 compiled modules; a compiled item starts only while --budget-s lasts (the rest are recorded as skipped).
 The JSON is rewritten after every row.
@@ -29,7 +34,9 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,6 +49,7 @@ from kernels.sliced_attention import SlicedAttention, attention_ref
 from kernels.sliced_mlp import SlicedMLP, mlp_ref
 from model.flops import dense_flops_per_token
 from model.gpt import MLP, PRESETS, CausalSelfAttention, GPTConfig
+from sparsity.sat import omission_rate
 from train import setup, train_step
 
 WIDTHS = {768: 12, 1024: 16, 1280: 20}  # GPT-2 124M / 350M / 774M: d -> heads
@@ -110,7 +118,7 @@ class Recorder:
         ms = f"{row['ms']:.3f}" if row.get("ms") is not None else "-"
         sp = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
         err = f" err {row['max_rel_err']:.1e}" if row.get("max_rel_err") is not None else ""
-        what = f"{row['op']:<5} {row.get('preset', '')} d={row['d']:<5} keep={row['keep']:<5} {row['mode']:<8}"
+        what = f"{row['op']:<5} {row.get('preset', '')} d={row['d']:<5} keep={str(row['keep']):<5} {row['mode']:<8}"
         print(f"{what} {ms:>8} ms {sp:>7}{err} {' '.join(row.get('overrides', []))} {row.get('error', '')}",
               flush=True)
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +134,10 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
          quick: bool = typer.Option(False, "--quick", help="only MLP d=768/1280 and attention d=768 (eager, graph) "
                                     "and whole steps of the first preset at r0 = 0.5 (eager, compiled)"),
          steps_only: bool = typer.Option(False, "--steps-only", help="only compiled whole steps, every variant (r0 "
-                                         "0.5, r0 0.75, heads omitted too) for each --steps-presets model")) -> None:
+                                         "0.5, r0 0.75, heads omitted too) for each --steps-presets model"),
+         whole_run: bool = typer.Option(False, "--whole-run", help="only compiled whole steps at each omission rate "
+                                        "of SAT's default schedule, and the whole-run speedup they add up to, for "
+                                        "each --steps-presets model")) -> None:
     """Time dense vs sliced MLP / attention fwd+bwd (eager, CUDA graph, compiled) and whole SAT training steps on
     CUDA; write JSON."""
     presets = [p for p in steps_presets.split(",") if p]
@@ -138,9 +149,9 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
     record = Recorder(out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": B * T,
                             "dtype": "bf16 autocast, fp32 params"}, budget_s)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {B * T} tokens, bf16 autocast", flush=True)
-    if steps_only:
+    if steps_only or whole_run:
         for preset in presets:
-            train_steps(preset, "compiled", record, extra_variants=True)
+            (whole_run_steps if whole_run else train_steps)(preset, "compiled", record, True)
         print(f"wrote {out} in {time.time() - record.t0:.0f} s")
         return
     widths = [768, 1280] if quick else list(WIDTHS)
@@ -248,12 +259,53 @@ def train_steps(preset: str, mode: str, record: Recorder, extra_variants: bool =
                 torch.cuda.empty_cache()
 
 
-def time_steps(cfg, iters: int) -> tuple[float, dict[str, float]]:
-    """Median ms of `iters` steps from step 300 (SAT: the dense warm-up ends at 100, LORS holds r0 until 550) after
-    5 warm-up steps, and the step's FLOPs against dense (and SAT's omission rate)."""
+WARMUPS = {"continual": 0.0, "scratch": 0.1}  # sat.warmup_frac of configs/sat-gpt2.toml and of a run from scratch
+
+
+def whole_run_steps(preset: str, mode: str, record: Recorder, _extra: bool = True, device: str = "cuda",
+                    tokens: tuple[int, int] = (B, T), iters: int = 10, total: int = 1000) -> None:
+    """Whole steps at every omission rate that SAT's default schedule (LORS) visits, each timed as a constant-rate
+    run, then the whole run's speedup: total · t_dense / Σ_rate n_rate · t_rate, with n_rate the schedule's steps at
+    that rate, for a continual run (no dense warm-up) and one from scratch (10% dense warm-up). The rungs' rates
+    do not depend on the warm-up; the dense rungs (warm-up, last rung) are SAT's own steps at rate 0."""
+    b, t = tokens
+    base = [f"model.preset={preset}", f"model.block_size={t}", f"train.batch_size={b}", f"train.steps={total}",
+            "train.grad_accum=1", f"train.device={device}", f"train.compile={str(mode == 'compiled').lower()}"]
+    sat_cfg = load_config(None, "sat", base).method_cfg
+    counts = {name: Counter(omission_rate(replace(sat_cfg, warmup_frac=w), s, total) for s in range(total))
+              for name, w in WARMUPS.items()}
+    rates = sorted(set().union(*counts.values()), reverse=True)
+    ms: dict[float | str, float] = {}
+    for method, rate in [("dense", None)] + [("sat", r) for r in rates]:
+        extra = [] if rate is None else ["sat.schedule=constant", "sat.warmup_frac=0", f"sat.omission_rate={rate}"]
+        cfg = load_config(None, method, base + extra)
+        row = dict(op="step", preset=preset, d=cfg.model.n_embd, n_layer=cfg.model.n_layer,
+                   keep=1.0 if rate is None else 1 - rate, mode=mode, method=method, overrides=extra,
+                   omit_heads=cfg.method_cfg.omit_heads if rate is not None else None)
+        try:
+            step_ms, stats = time_steps(cfg, iters, start=total // 4)  # any step: the rate is constant
+        except Exception as e:  # noqa: BLE001 (without every rate there is no whole-run figure; say why)
+            record(**row, ms=None, error=f"{type(e).__name__}: {e}"[:300])
+            return
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        ms["dense" if rate is None else rate] = step_ms
+        record(**row, ms=step_ms, speedup=None if rate is None else ms["dense"] / step_ms, **stats)
+    for name, count in counts.items():
+        sat_ms = sum(n * ms[r] for r, n in count.items())
+        record(op="whole_run", preset=preset, d=cfg.model.n_embd, keep=None, mode=mode, schedule=name,
+               warmup_frac=WARMUPS[name], steps_at_rate={str(r): n for r, n in sorted(count.items())},
+               ms=sat_ms / total, speedup=total * ms["dense"] / sat_ms)
+
+
+def time_steps(cfg, iters: int, start: int = 300) -> tuple[float, dict[str, float]]:
+    """Median ms of `iters` steps from step `start` (300 of 1000: SAT's dense warm-up ends at 100, LORS holds r0
+    until 550) after 5 warm-up steps, and the step's FLOPs against dense (and SAT's omission rate)."""
     torch._dynamo.reset()  # a fresh compile per model: dynamo's code cache is shared by every model in-process
     run = setup(cfg, data=RandomTokens(50257, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed))
-    step = 300
+    step = start
     if cfg.method == "sat":
         # SAT's first step runs dense to collect the scores it selects from: run it uncompiled rather than pay a
         # second whole-model compilation for a graph that no timed step uses

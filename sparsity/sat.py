@@ -87,11 +87,10 @@ class SATConfig:
     """Kept MLP channels are rounded up to a multiple of this (tensor-core tiles, fewer compiled shapes) [R]."""
     omit_mlp: bool = True
     """Omit MLP intermediate channels [P]."""
-    omit_heads: bool = False
-    """Omit whole attention heads (at least one is kept) [P]. Off by default [R], until a compiled step with heads
-    is measured: the sliced attention at keep 50% first ran 0.70-0.92x of the dense module (results/raw/
-    h100-sat-v1/v2.json); v3 runs 1.52-1.65x as GPU work (CUDA graph) and, at 350M, eager steps with heads omitted
-    ran 1.25x of dense against 1.14x without (results/raw/h100-sat-v3.json)."""
+    omit_heads: bool = True
+    """Omit whole attention heads (at least one is kept) [P]. Compiled whole steps at r0 = 0.5 on the H100 ran
+    1.44x of dense with heads omitted against 1.21x without at 350M, and 1.18x against 1.13x at 124M
+    (results/raw/h100-sat-v4.json)."""
     optimizer_mode: str = "zero_grad"
     """zero_grad: omitted rows get zero grads, AdamW still decays them and their moments (paper-like) [I];
     lazy: omitted rows and their optimizer state are left untouched by the step (sat.md §7)."""

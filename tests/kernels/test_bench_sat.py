@@ -61,3 +61,25 @@ def test_modes_match_the_masked_dense_reference_cuda(mode):
     dense_call()
     eager = bench_sat.reference(lambda inp, *p: mlp(inp), x, dy, w)
     assert bench_sat.rel_err(dense_results(), eager) < 2e-2
+
+
+def test_whole_run_adds_up_the_rates_of_the_default_ladder(tmp_path):
+    out = tmp_path / "sat.json"
+    record = bench_sat.Recorder(out, {"device": "cpu"}, budget_s=1e9)
+    bench_sat.whole_run_steps("tiny", "eager", record, device="cpu", tokens=(2, 16), iters=2, total=40)
+    rows = json.loads(out.read_text())["results"]
+    steps = [r for r in rows if r["op"] == "step"]
+    runs = {r["schedule"]: r for r in rows if r["op"] == "whole_run"}
+    # LORS at r0 = 0.5 in 4 rungs: 0.5, 0.375, 0.25, 0.125, then the dense last rung (and the dense warm-up)
+    assert [r["method"] for r in steps] == ["dense"] + ["sat"] * 5
+    assert [r["keep"] for r in steps] == [1.0, 0.5, 0.625, 0.75, 0.875, 1.0]
+    assert all(r["ms"] > 0 and "error" not in r for r in steps)
+    assert set(runs) == {"continual", "scratch"}
+    ms = {1 - r["keep"]: r["ms"] for r in steps[1:]}
+    for run in runs.values():
+        n = {float(k): v for k, v in run["steps_at_rate"].items()}
+        assert sum(n.values()) == 40
+        assert run["speedup"] == pytest.approx(40 * steps[0]["ms"] / sum(c * ms[r] for r, c in n.items()))
+    # by hand: r0 for half the span, then 4 rungs over the other half; scratch's span is 36 after 4 dense steps
+    assert runs["continual"]["steps_at_rate"] == {"0.0": 5, "0.125": 5, "0.25": 5, "0.375": 5, "0.5": 20}
+    assert runs["scratch"]["steps_at_rate"] == {"0.0": 4 + 4, "0.125": 5, "0.25": 4, "0.375": 5, "0.5": 18}
