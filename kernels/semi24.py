@@ -1,4 +1,4 @@
-"""2:4 sparse training kernels (Hu et al. 2024, spec 2of4.md §1-§2, §6, §10): transposable masks, MVUE, SparseLinear24.
+"""2:4 sparse training kernels (Hu et al. 2024, spec 2of4.md §1-§2, §6, §10): transposable masks, MVUE, Linear24.
 
 Layout conventions: a linear y = x Wᵀ (+ b) with W of shape (out, in) and T tokens.
 - Transposable mask M: every aligned 4x4 block of W keeps 2 entries per row and 2 per column (one of 90 patterns),
@@ -7,7 +7,7 @@ Layout conventions: a linear y = x Wᵀ (+ b) with W of shape (out, in) and T to
   DIFF[a, b] entries of a block, which makes the flip rate a table lookup.
 - MVUE 2:4 prunes dYᵀ (out, T) along T for the weight gradient dW = MVUE(dYᵀ) X; unbiased, so E[dW] is exact.
 
-Backends of `SparseLinear24` (picked with kernels.select): 'ref' is plain masked dense matmuls (the exact reference
+Backends of `Linear24` (picked with kernels.select): 'ref' is plain masked dense matmuls (the exact reference
 and the CPU path); 'cusparselt' runs each GEMM on the sparse tensor cores through torch's private cuSPARSELt ops,
 with the algorithm searched once per shape and a per-GEMM dense fallback decided by one measurement (logged).
 
@@ -16,10 +16,14 @@ eager `_cslt_sparse_mm` call spends ~0.4-0.65 ms on the host (spec §10), so the
 from a graph. Graph mode needs every address fixed: a layer in graph mode keeps its operands in static buffers
 re-packed in place (`Linear24.static`), reads the MVUE seed from a device tensor bumped inside the graph, and picks
 sparse or dense per GEMM by timing graph replays rather than eager calls (plan key field `timing`).
+
+torch.compile: `Linear24` and `SparseMLP24` call torch.library custom ops (sections 'custom ops'), so a compiled GPT
+is one graph whatever the backend, and on the GPU the op bodies run the eager code above unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -328,7 +332,7 @@ def make_plan(key: tuple, sparse_fn, dense_fn, search_args_fn, mode: str, timing
     return plan
 
 
-# ------------------------------------------------------------------------------------------- autograd function
+# ----------------------------------------------------------------------------------------------------- operands
 @dataclass
 class Operands:
     """Per-step operands of one sparse layer (re-packed from W under the frozen mask each optimizer step)."""
@@ -343,44 +347,93 @@ class Operands:
         return self.packed[which]
 
 
-class SparseLinear24(torch.autograd.Function):
-    """Y = X W̃ᵀ (+b), dX = dY W̃, dW = MVUE(dYᵀ) X (dense, unmasked: straight-through), db = Σ dY (unpruned).
+# ------------------------------------------------------------------------------------ custom ops: Linear24
+# The 2:4 layers reach torch.compile as torch.library custom ops, one opaque op per sparse linear (and per
+# SparseMLP24), so a compiled GPT stays one graph: an autograd.Function with Python state in its ctx, a disabled
+# region or a time/Generator call made dynamo split every block. What cannot be an op argument (packed operands,
+# GEMM plans, CUDA graphs, MVUE seeds and counters) stays in the module, found through an integer handle. Op bodies
+# are never traced: they run, and update module state, exactly as eager code does.
+_MODULES: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
 
-    x2d: (T, in) in the compute dtype; weight: the dense master W, an input only so that dW reaches it.
+
+def _register(m: nn.Module) -> int:
+    handle = next(_HANDLES)
+    _MODULES[handle] = m
+    return handle
+
+
+@torch.library.custom_op("sparse_pretrain::linear24", mutates_args=())
+def _linear24_op(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int,
+                 timing: str) -> torch.Tensor:
+    """Y = X W̃ᵀ (+b), W̃ from the layer's operands. x2d: (T, in) in the compute dtype; weight: the dense master W,
+    an input only so that dW reaches it; timing: how GEMM plans made now are timed (the layer's plan_timing)."""
+    layer = _MODULES[handle]
+    ops = layer.operands(x2d.dtype)
+    if layer.kernel == "cusparselt":
+        y = _gemm(layer, "fwd", ops, x2d, timing=timing)
+    else:
+        y = x2d @ ops.pruned.t()
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+@_linear24_op.register_fake
+def _(x2d, weight, bias, handle, timing):
+    return x2d.new_empty((x2d.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("sparse_pretrain::linear24_bwd", mutates_args=())
+def _linear24_bwd_op(
+    dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, handle: int, timing: str,
+    dgrad: bool, wgrad: bool, bgrad: bool,
+) -> list[torch.Tensor]:
+    """[dX = dY W̃, dW = MVUE(dYᵀ) X (dense, unmasked: straight-through), db = Σ dY (unpruned)], those asked for.
+
+    W̃ is the layer's current operands, the forward's: the method re-packs them only after the optimizer step.
+    Draws this micro-step's MVUE seed (advancing the layer's counter), as every backward does.
     """
+    layer = _MODULES[handle]
+    ops = layer.operands(x2d.dtype)
+    dy = dy.contiguous()
+    seed = layer.next_seed()
+    if layer.kernel == "cusparselt":
+        device_seed = timing == "graph" and layer.seed_dev is not None
+        if device_seed:  # a graph replays its launch arguments: the seed must live on the device
+            seed = layer.seed_dev
+        dx = _gemm(layer, "dgrad", ops, dy, timing=timing) if dgrad else None
+        dw = _gemm(layer, "wgrad", ops, dy, x2d, seed, timing) if wgrad else None
+        if device_seed:
+            layer.seed_dev[1:].add_(1)  # next micro-step's draw, also on replay
+    else:
+        dx = dy @ ops.pruned if dgrad else None
+        dyt = mvue24_t(dy, seed, "ref") if layer.mvue else dy.t()
+        dw = dyt @ x2d if wgrad else None
+    db = dy.sum(0) if bgrad else None
+    dw = dw.to(weight.dtype) if dw is not None else None
+    db = db.to(bias.dtype) if db is not None else None
+    return [g for g in (dx, dw, db) if g is not None]
 
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, ops: Operands, layer: Linear24):
-        ctx.layer, ctx.ops, ctx.has_bias, ctx.timing = layer, ops, bias is not None, layer.plan_timing
-        ctx.save_for_backward(x2d)
-        if layer.kernel == "cusparselt":
-            y = _gemm(layer, "fwd", ops, x2d, timing=ctx.timing)
-        else:
-            y = x2d @ ops.pruned.t()
-        return y if bias is None else y + bias.to(y.dtype)
 
-    @staticmethod
-    def backward(ctx, dy):
-        (x2d,) = ctx.saved_tensors
-        layer, ops = ctx.layer, ctx.ops
-        dy = dy.contiguous()
-        seed = layer.next_seed()
-        if layer.kernel == "cusparselt":
-            device_seed = ctx.timing == "graph" and layer.seed_dev is not None
-            if device_seed:  # a graph replays its launch arguments: the seed must live on the device
-                seed = layer.seed_dev
-            dx = _gemm(layer, "dgrad", ops, dy, timing=ctx.timing) if ctx.needs_input_grad[0] else None
-            dw = _gemm(layer, "wgrad", ops, dy, x2d, seed, ctx.timing) if ctx.needs_input_grad[1] else None
-            if device_seed:
-                layer.seed_dev[1:].add_(1)  # next micro-step's draw, also on replay
-        else:
-            dx = dy @ ops.pruned if ctx.needs_input_grad[0] else None
-            dyt = mvue24_t(dy, seed, "ref") if layer.mvue else dy.t()
-            dw = dyt @ x2d if ctx.needs_input_grad[1] else None
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dw = dw.to(layer.weight.dtype) if dw is not None else None
-        db = db.to(layer.bias.dtype) if db is not None else None
-        return dx, dw, db, None, None
+@_linear24_bwd_op.register_fake
+def _(dy, x2d, weight, bias, handle, timing, dgrad, wgrad, bgrad):
+    asked = ((dgrad, x2d), (wgrad, weight), (bgrad, bias))
+    return [t.new_empty(t.shape) for need, t in asked if need]
+
+
+def _linear24_setup(ctx, inputs, output) -> None:
+    x2d, weight, bias, handle, timing = inputs
+    ctx.save_for_backward(x2d, weight, bias)
+    ctx.handle, ctx.timing = handle, timing
+
+
+def _linear24_grad(ctx, dy):
+    x2d, weight, bias = ctx.saved_tensors
+    need = (*ctx.needs_input_grad[:2], bias is not None and ctx.needs_input_grad[2])
+    grads = iter(_linear24_bwd_op(dy, x2d, weight, bias, ctx.handle, ctx.timing, *need))
+    return *(next(grads) if n else None for n in need), None, None
+
+
+_linear24_op.register_autograd(_linear24_grad, setup_context=_linear24_setup)
 
 
 def _gemm(layer: Linear24, gemm: str, ops: Operands, a: torch.Tensor, x2d: torch.Tensor | None = None,
@@ -445,6 +498,11 @@ class Linear24(nn.Linear):
         self.plan_timing = "eager"  # how GEMM plans made by the next forward are timed: 'eager' or 'graph'
         self.seed_dev: torch.Tensor | None = None  # graph mode: int64 [base, micro] on the device
         self._static: dict[torch.dtype, Operands] = {}
+        self.handle = _register(self)  # how the custom ops find this layer
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.handle = _register(self)  # a copy is a layer of its own
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, backend: str = "auto", mvue: bool = True, seed: int = 0,
@@ -524,7 +582,7 @@ class Linear24(nn.Linear):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        y = SparseLinear24.apply(x2d, self.weight, self.bias, self.operands(dtype), self)
+        y = _linear24_op(x2d, self.weight, self.bias, self.handle, self.plan_timing)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -603,6 +661,12 @@ class SparseMLP24(nn.Module):
     re-packed in place before each replay when stale. Anything else (CPU, reference kernels, dense fine-tune,
     no_grad, eval, a replay still awaiting its backward) runs the eager path. A failed capture logs one warning
     and turns graphs off for every SparseMLP24 of the process: training goes on eagerly.
+
+    All of that runs inside one custom op (`sparse_pretrain::mlp24`), so torch.compile sees the MLP as one opaque
+    op and its graphs still replay. With gradients, the op's body records the autograd graph of the eager path
+    (from a detached x to the parameters) and keeps it under a ticket, a tensor the op also returns and its autograd
+    formula saves: the backward op runs the graph of its own forward, and a graph whose backward will never come
+    (its caller's graph is gone) is dropped with the ticket, as eager autograd would drop it.
     """
 
     def __init__(self, mlp: nn.Module, cuda_graph: bool = True, warmup: int = 2):
@@ -611,11 +675,17 @@ class SparseMLP24(nn.Module):
         self.cuda_graph, self.warmup = cuda_graph, warmup
         self._graphs: dict[tuple, GraphedFwdBwd] = {}
         self._calls: dict[tuple, int] = {}
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ticket -> (detached x, output)
+        self.handle = _register(self)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # graphs are bound to their buffers and device: a copy re-captures
-        state["_graphs"], state["_calls"] = {}, {}
+        state["_graphs"], state["_calls"], state["_pending"] = {}, {}, {}
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.handle = _register(self)
 
     def core(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.gelu(self.c_fc(x)))
@@ -639,9 +709,36 @@ class SparseMLP24(nn.Module):
         return tuple(x.shape), x.dtype, dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self._core_maybe_graphed(x))
+        dev = x.device.type
+        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        params = [p for p in self.parameters() if p.requires_grad]
+        x_grad = torch.is_grad_enabled() and x.requires_grad
+        grad = x_grad or (torch.is_grad_enabled() and len(params) > 0)
+        return self.dropout(_mlp24_op(x, params, self.handle, amp, grad, x_grad)[0])
 
-    @torch.compiler.disable  # under torch.compile the MLP stays an eager region, so its graphs still replay
+    def _op_forward(self, x: torch.Tensor, amp: torch.dtype | None, grad: bool,
+                    x_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ticket = next(_TICKETS)
+        with torch.autocast(x.device.type, amp) if amp is not None else contextlib.nullcontext():
+            if not grad:
+                return self._core_maybe_graphed(x), torch.tensor(ticket)
+            with _autograd_in_op(), torch.enable_grad():
+                xl = x.detach().requires_grad_(x_grad)
+                # A leaf: dx never aliases a graph's static buffer (returned from an op, compiled code might reuse it).
+                y = self._core_maybe_graphed(xl)
+        self._pending[ticket] = xl, y
+        held = torch.tensor(ticket)
+        weakref.finalize(held, self._pending.pop, ticket, None)
+        return y.detach(), held
+
+    def _op_backward(self, dy: torch.Tensor, ticket: torch.Tensor, x_grad: bool) -> list[torch.Tensor]:
+        entry = self._pending.pop(int(ticket), None)
+        if entry is None:
+            raise RuntimeError("SparseMLP24: this forward's graph was already run by a backward (no retain_graph)")
+        xl, y = entry
+        params = [p for p in self.parameters() if p.requires_grad]
+        return list(torch.autograd.grad(y, [xl, *params] if x_grad else params, dy))
+
     def _core_maybe_graphed(self, x: torch.Tensor) -> torch.Tensor:
         key = self._graph_key(x)
         if key is None:
@@ -695,3 +792,58 @@ class SparseMLP24(nn.Module):
         self._graphs[key] = cap
         log.info("2:4 MLP captured for input %s (%s compute)", key[0], key[2])
         return cap
+
+
+# --------------------------------------------------------------------------------- custom ops: SparseMLP24
+def _autograd_in_op() -> torch._C._ForceDispatchKeyGuard:
+    """Autograd recording inside a custom op's body, which the dispatcher runs with autograd excluded (the op's own
+    formula stands for it there): SparseMLP24's body records the graph that its backward op then runs."""
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+_TICKETS = itertools.count()
+
+
+@torch.library.custom_op("sparse_pretrain::mlp24", mutates_args=())
+def _mlp24_op(x: torch.Tensor, params: list[torch.Tensor], handle: int, amp: torch.dtype | None, grad: bool,
+              x_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SparseMLP24's c_proj(gelu(c_fc(x))), CUDA-graph replay included; a ticket: int64 scalar on the CPU).
+
+    params are inputs only so that their gradients flow. amp: the caller's autocast dtype, re-entered in the body
+    (compiled code calls ops with autocast off); grad, x_grad: a backward may follow, and it needs dx.
+    """
+    return _MODULES[handle]._op_forward(x, amp, grad, x_grad)
+
+
+@_mlp24_op.register_fake
+def _(x, params, handle, amp, grad, x_grad):
+    return x.new_empty(x.shape, dtype=amp if amp is not None else x.dtype), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("sparse_pretrain::mlp24_bwd", mutates_args=())
+def _mlp24_bwd_op(dy: torch.Tensor, ticket: torch.Tensor, params: list[torch.Tensor], handle: int,
+                  x_dtype: torch.dtype, x_grad: bool) -> list[torch.Tensor]:
+    """[dx (if x_grad), a gradient per param] from the graph that the ticket's forward recorded."""
+    return _MODULES[handle]._op_backward(dy, ticket, x_grad)
+
+
+@_mlp24_bwd_op.register_fake
+def _(dy, ticket, params, handle, x_dtype, x_grad):
+    return ([dy.new_empty(dy.shape, dtype=x_dtype)] if x_grad else []) + [p.new_empty(p.shape) for p in params]
+
+
+def _mlp24_setup(ctx, inputs, output) -> None:
+    x, params, handle, amp, grad, x_grad = inputs
+    ctx.save_for_backward(output[1], *params)
+    ctx.handle, ctx.x_dtype, ctx.x_grad = handle, x.dtype, x_grad
+
+
+def _mlp24_grad(ctx, dy, _dticket):
+    ticket, *params = ctx.saved_tensors
+    grads = _mlp24_bwd_op(dy, ticket, params, ctx.handle, ctx.x_dtype, ctx.x_grad)
+    dx, dparams = (grads[0], grads[1:]) if ctx.x_grad else (None, grads)
+    return dx, dparams, None, None, None, None
+
+
+_mlp24_op.register_autograd(_mlp24_grad, setup_context=_mlp24_setup)

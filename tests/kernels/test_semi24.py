@@ -176,16 +176,32 @@ def test_sparse_mlp_runs_eagerly_on_cpu_and_equals_the_plain_mlp():
     for m in (mlp, plain):
         for p in m.parameters():
             p.grad = None
+        x_grads = []
         for step in range(4):  # past the warm-up count: a GPU would have captured by now
-            x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(step), requires_grad=True)
-            m(x).square().sum().backward()
-        grads.append([p.grad.clone() for p in m.parameters()])
+            g = torch.Generator().manual_seed(step)
+            xs = [torch.randn(2, 8, 64, generator=g, requires_grad=True) for _ in range(2)]
+            ys = [m(x) for x in xs]  # two forwards before the backwards, which then run in forward order
+            m(xs[0])  # a forward whose backward never comes
+            for y in ys:
+                y.square().sum().backward()
+            x_grads += [x.grad for x in xs]
+        grads.append([p.grad.clone() for p in m.parameters()] + x_grads)
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert mlp._pending == {}  # each backward ran its own forward's graph; the dropped one went with its output
     assert mlp._graphs == {} and mlp._calls == {}  # CPU: never a capture, never counted towards one
     assert not mlp.c_fc.static and mlp.c_fc.plan_timing == "eager"
     clone = copy.deepcopy(mlp)
     assert clone._graphs == {} and clone.c_fc.weight is not mlp.c_fc.weight
+    # The custom ops find a layer by its handle: a copy (search_decay's trial models) must get handles of its own.
+    assert s._MODULES[clone.handle] is clone and s._MODULES[clone.c_fc.handle] is clone.c_fc
+    with torch.no_grad():
+        clone.c_fc.weight.mul_(-1.0)
+        clone.c_fc.invalidate()
+        x = torch.randn(2, 8, 64)
+        h = F.gelu(F.linear(x, clone.c_fc.weight * clone.c_fc.mask), approximate="tanh")
+        torch.testing.assert_close(clone(x), F.linear(h, clone.c_proj.weight * clone.c_proj.mask), rtol=0, atol=0)
+        assert not torch.equal(clone(x), mlp(x))
 
 
 _TRITON_CHECK = textwrap.dedent(
