@@ -15,13 +15,14 @@ eager row runs before any graph row (a failed capture leaves the CUDA generator 
 generator). Triton's output and input grads are checked against fp32 masked SDPA on the same bf16 inputs (max
 |err| / max |ref|), next to bf16 masked SDPA's errors for scale. A failing variant records its error; the rest run.
 
-Sweep (--sweep): at the two target cases (issue 8: T=1024 and 2048, l=64), each kernel in turn (strided forward,
-band forward, strided backward, band backward) runs every launch configuration of a small grid, the kernels swept
-before it at their fastest and the rest at default_config. Each configuration's whole pass (the forward or the
-backward kernels, both) is checked against fp32 masked SDPA (one outside twice bf16 SDPA's error + 1e-3 is never
-picked) and timed as CUDA-graph replays. The fastest configurations are printed as TUNED entries for
-kernels/hsa_attention.py, then installed (in this process only) for the bench rows of the swept cases. The JSON is
-rewritten after every kernel; configurations left when --budget-s runs out are recorded as skipped.
+Sweep (--sweep): at the two target cases (issue 8: T=1024 and 2048, l=64; or --cases), each kernel in turn
+(strided forward, band forward, strided backward, band backward) runs every launch configuration of a small grid,
+the kernels swept before it at their fastest and the rest at default_config. Each configuration's whole pass (the
+forward or the backward kernels, both) is checked against fp32 masked SDPA (one outside twice bf16 SDPA's error +
+1e-3 is never picked) and timed as CUDA-graph replays. The fastest configurations are printed as TUNED entries for
+kernels/hsa_attention.py, then installed (in this process only) for the bench rows of the swept cases, which run
+after the sweep (its captures draw nothing from the CUDA generator). Configurations left when --budget-s runs out
+are recorded as skipped. The JSON is rewritten after every swept case and every bench case.
 """
 
 from __future__ import annotations
@@ -151,15 +152,21 @@ def case_rows(T: int, stride: int, B: int, mode: str, warmup: int, iters: int, d
 
 
 def sweep_candidates(kernel: str) -> list[Launch]:
-    """The grid `kernel` is swept over (configurations that cannot run a shape are dropped per shape)."""
-    if kernel.startswith("strided"):  # no loop: num_stages does nothing
-        return [Launch(rows, w) for rows in (32, 64, 128) for w in (2, 4, 8) if (rows, w) not in ((32, 8), (128, 2))]
+    """The grid `kernel` is swept over (configurations that cannot run a shape are dropped per shape). The maxnreg
+    caps are where ptxas (sm_90a, head dim 64) fits one more program per SM with little or no spilling."""
+    if kernel.startswith("strided"):  # no loop: num_stages does nothing; small tiles waste less of S off the blocks
+        warps = {16: (1, 2), 32: (2, 4), 64: (2, 4, 8), 128: (4, 8)}
+        grid = [Launch(rows, w) for rows, ws in warps.items() for w in ws]
+        return grid + ([Launch(64, 4, maxnreg=128)] if kernel == "strided_bwd" else [])
     if kernel == "band_fwd":
         grid = [Launch(m, w, stages, 64) for m in (64, 128) for w in (4, 8) for stages in (1, 2, 3)]
-        return grid + [Launch(64, 4, 1, 128), Launch(64, 8, 1, 128), Launch(128, 8, 2, 128), Launch(64, 4, 2, 32)]
-    return [Launch(64, w, stages) for w in (4, 8) for stages in (1, 2, 3)] + [
-        Launch(32, 4, 2), Launch(128, 8, 1), Launch(128, 8, 2)
-    ]  # fmt: skip
+        return grid + [
+            Launch(64, 4, 2, 64, maxnreg=128), Launch(64, 4, 2, 32), Launch(64, 4, 1, 128), Launch(64, 8, 1, 128),
+            Launch(64, 4, 1, 128, maxnreg=168), Launch(128, 8, 2, 128),
+        ]  # fmt: skip
+    grid = [Launch(64, w, stages) for w in (4, 8) for stages in (1, 2, 3)]
+    return grid + [Launch(64, 4, 1, maxnreg=168), Launch(64, 4, 2, maxnreg=168), Launch(32, 4, 2),
+                   Launch(128, 8, 1), Launch(128, 8, 2)]  # fmt: skip
 
 
 def sweep_case(
@@ -231,6 +238,25 @@ def _trial_text(trial: dict) -> str:
     return f"{trial['ms']:.4f} ms  err {trial['max_rel_err']:.1e}{'' if trial['ok'] else '  OUT OF BOUND'}"
 
 
+def compiled_kernels() -> dict[str, list[dict]]:
+    """What Triton built for each HSA kernel on this device: block sizes, warps, stages, the register cap, and
+    the registers, spills and shared memory that bound how many programs share an SM (triton 3.6 internals)."""
+    out = {}
+    for name in ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel"):
+        fn = getattr(hsa, name)
+        entries = []
+        for kernel in fn.device_caches[torch.cuda.current_device()][0].values():
+            md = kernel.metadata
+            consts = kernel.src.constants.items()
+            entry = {fn.arg_names[path[0]]: v if isinstance(v, int) else str(v) for path, v in consts}
+            entry |= {"num_warps": md.num_warps, "num_stages": md.num_stages, "maxnreg": getattr(md, "maxnreg", None),
+                      "shared": md.shared}  # fmt: skip
+            entry |= {"n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None)}
+            entries.append(entry)
+        out[name.strip("_")] = entries
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -258,7 +284,7 @@ def main(
     quick: bool = typer.Option(False, help="Only T=1024 and T=2048 at l=64."),
     cases_: str = typer.Option("", "--cases", help="Comma-separated TxLxB (e.g. 1024x256x16) instead of the defaults."),
     sweep: bool = typer.Option(False, help="Sweep launch configurations first (at --cases, else the --quick cases)."),
-    budget_s: float = typer.Option(120.0, help="Sweep: start no configuration after this many seconds."),
+    budget_s: float = typer.Option(110.0, help="Sweep: start no configuration after this many seconds."),
 ) -> None:
     if not torch.cuda.is_available():
         raise typer.BadParameter("the HSA benchmark needs a CUDA device")
@@ -320,6 +346,10 @@ def main(
     for case, errs in record["errors"].items():
         text = " ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items())
         print(f"{case} max rel err vs fp32 masked SDPA: {text}")
+    try:
+        record["compiled"] = compiled_kernels()
+    except Exception as e:  # noqa: BLE001 (Triton internals: informative only)
+        record["compiled"] = {"error": f"{type(e).__name__}: {e}"}
     write()
     print(f"wrote {out} ({time.time() - t_start:.0f} s)")
 

@@ -11,7 +11,7 @@ The fast path splits the kept pairs into two disjoint sets, each computed as den
   holds RS whole residue classes (64 rows by default, gathered by pointer arithmetic, no permuted copy), so it
   loads every q, k, v row once and computes its rows' strided attention outright: one tile, no loop.
 - band, 0 <= i - j < l: FlashAttention-2's tile loop over query blocks and the key tiles from l - 1 positions
-  before the block to its end (by default 64-row blocks; for l = 64, one 128-key tile).
+  before the block to its end (by default 64-row blocks and 64-key tiles).
 Why not fold the strided keys into the band program: a 64-row query block needs one key per row from each of its
 ~T/l earlier periods, i.e. T/l contiguous 64-row K/V slices used for 64 pairs each; summed over blocks that is
 T/(2l) reads of all of K and V from L2 (~370 MB per forward at T=1024, B*nh=192, ~4x the band's own traffic), the
@@ -189,6 +189,10 @@ def _band_fwd_kernel(
     row_ok = rows < T
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
+    # The strided kernel's (o, lse) of these rows, loaded now so that their latency overlaps the band's tiles.
+    out_ptr = Out + out_off + rows[:, None] * stride_ot + d[None, :]
+    o_s = tl.load(out_ptr, mask=row_ok[:, None], other=0.0)
+    lse_s = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
     # A finite floor for the running max: a key tile can hold no kept key for some rows (the band's first tile for
     # the block's last rows), and -inf - -inf would poison the rescale.
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
@@ -216,14 +220,11 @@ def _band_fwd_kernel(
     # Merge with the strided kernel's (o, lse) of the same rows; rows past T have l_i = 0 and are not stored.
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     lse_b = m_i + tl.log2(l_i)
-    out_ptr = Out + out_off + rows[:, None] * stride_ot + d[None, :]
-    o_s = tl.load(out_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    lse_s = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
     m = tl.maximum(lse_b, lse_s)
     w_b = tl.exp2(lse_b - m)
     w_s = tl.exp2(lse_s - m)
     w = w_b + w_s
-    o = (acc * (w_b / (l_i * w))[:, None]) + o_s * (w_s / w)[:, None]
+    o = (acc * (w_b / (l_i * w))[:, None]) + o_s.to(tl.float32) * (w_s / w)[:, None]
     tl.store(out_ptr, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + rows, m + tl.log2(w), mask=row_ok)
 
@@ -343,12 +344,20 @@ class Launch:
     """One kernel's launch parameters. block: rows per program, a power of two >= 16: a strided tile (RS = block / NP
     residue classes of NP = next_pow2(T / l) periods, so block >= NP; keys are the same rows), a band program's
     query block and key block (band forward: its key tile is block_n, default block). num_stages pipelines the
-    band kernels' loops over key or query blocks; the strided kernels have no loop."""
+    band kernels' loops over key or query blocks; the strided kernels have no loop. maxnreg caps the registers per
+    thread (ptxas .maxnreg): more programs per SM to hide the load latency of these short programs, for some
+    spilling (e.g. the band backward's 229 registers at 4 warps allow 2 programs per SM, 168 allow 3)."""
 
     block: int
     num_warps: int
     num_stages: int = 1
     block_n: int | None = None
+    maxnreg: int | None = None
+
+    def options(self) -> dict[str, int]:
+        """Triton's launch options."""
+        extra = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **extra}
 
 
 class HsaConfig(NamedTuple):
@@ -376,17 +385,12 @@ def _periods(T: int, stride: int) -> int:
 
 @functools.lru_cache(maxsize=64)  # immutable; looked up on every call
 def default_config(T: int, stride: int, head_dim: int) -> HsaConfig:
-    """64-row blocks (the smallest wgmma M), a strided tile of one residue class where that is longer, 8 warps
-    once a tile is over 64 x 64. The band forward's keys (64 + l - 1 per block) in one tile where they fit in 128
-    (no online-softmax rescale, nothing to pipeline), else in pipelined 64-key tiles."""
+    """64-row blocks and key tiles (the smallest wgmma M) and a strided tile of one residue class where that is
+    longer; 8 warps once a tile is over 64 x 64."""
     tile = max(BLOCK, _periods(T, stride))
     strided = Launch(tile, 4 if tile * head_dim <= BLOCK * 64 else 8)
     warps, small = (4, True) if head_dim <= 64 else (8, False)
-    band_keys = BLOCK + stride - 1
-    if band_keys <= 128:
-        band_fwd = Launch(BLOCK, warps, 1, max(BLOCK, _next_pow2(band_keys)))
-    else:
-        band_fwd = Launch(BLOCK, warps, 3 if small else 2, BLOCK)
+    band_fwd = Launch(BLOCK, warps, 3 if small else 2, BLOCK)
     return HsaConfig(strided, band_fwd, strided, Launch(BLOCK, warps, 2 if small else 1))
 
 
@@ -403,6 +407,8 @@ def config_error(config: HsaConfig, T: int, stride: int, head_dim: int) -> str |
                 return f"{name}: block sizes and num_warps must be powers of two, got {launch}"
         if min(launch.block, launch.block_n or launch.block) < 16 or launch.num_stages < 1:
             return f"{name}: blocks must be >= 16 (tl.dot) and num_stages >= 1, got {launch}"
+        if launch.maxnreg is not None and not 32 <= launch.maxnreg <= 255:
+            return f"{name}: maxnreg must be in [32, 255], got {launch}"
         if launch.block_n is not None and name != "band_fwd" and launch.block_n != launch.block:
             return f"{name}: only band_fwd has a key tile of its own, got {launch}"
         if name.startswith("strided") and launch.block < np_:
@@ -474,13 +480,10 @@ def hsa_forward(
     args = (q, k, v, o, lse, LOG2E / math.sqrt(D), *_strides(q), *_strides(o), H, T, stride)
     np_ = _periods(T, stride)
     rs = strided.block // np_
-    _strided_fwd_kernel[(-(-stride // rs), B * H)](
-        *args, HEAD_DIM=D, NP=np_, RS=rs, num_warps=strided.num_warps, num_stages=strided.num_stages
-    )
+    _strided_fwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
     _band_fwd_kernel[(-(-T // band.block), B * H)](
-        *args, HEAD_DIM=D, BLOCK_M=band.block, BLOCK_N=band.block_n or band.block, num_warps=band.num_warps,
-        num_stages=band.num_stages,
-    )  # fmt: skip
+        *args, HEAD_DIM=D, BLOCK_M=band.block, BLOCK_N=band.block_n or band.block, **band.options()
+    )
     return o, lse
 
 
@@ -505,12 +508,8 @@ def hsa_backward(
     )  # fmt: skip
     np_ = _periods(T, stride)
     rs = strided.block // np_
-    _strided_bwd_kernel[(-(-stride // rs), B * H)](
-        *args, HEAD_DIM=D, NP=np_, RS=rs, num_warps=strided.num_warps, num_stages=strided.num_stages
-    )
-    _band_bwd_kernel[(-(-T // band.block), B * H)](
-        *args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, num_warps=band.num_warps, num_stages=band.num_stages
-    )
+    _strided_bwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
+    _band_bwd_kernel[(-(-T // band.block), B * H)](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
     return dq, dk, dv
 
 

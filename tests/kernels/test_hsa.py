@@ -132,6 +132,7 @@ def test_tuned_entries_fit_their_shapes():
         ("strided_fwd", Launch(16, 4), "residue class of 32 periods"),
         ("strided_bwd", Launch(256, 8), "256 x 64"),
         ("band_bwd", Launch(64, 4, 2, 32), "key tile"),
+        ("strided_bwd", Launch(64, 4, maxnreg=300), "maxnreg"),
     ],
 )
 def test_bad_configs_are_refused_with_the_reason(kernel, launch, match):
@@ -176,7 +177,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     from kernels import hsa_attention as hsa
     from kernels.hsa_attention import HsaConfig, Launch
     configs = [
-        HsaConfig(Launch(16, 2), Launch(128, 4, 2, 32), Launch(32, 4), Launch(32, 4, 1)),
+        HsaConfig(Launch(16, 2), Launch(128, 4, 2, 32), Launch(32, 4), Launch(32, 4, 1, maxnreg=168)),
         HsaConfig(Launch(128, 8), Launch(32, 4, 3, 128), Launch(128, 8), Launch(128, 8, 2)),
     ]
     for T, l in [(257, 64), (300, 20)]:
@@ -283,6 +284,9 @@ def test_auto_picks_triton_on_gpu_and_ref_otherwise():
     [
         HsaConfig(Launch(32, 2), Launch(128, 8, 2, 32), Launch(32, 4), Launch(32, 4, 1)),
         HsaConfig(Launch(128, 8), Launch(64, 4, 1, 128), Launch(128, 8), Launch(128, 8, 2)),
+        HsaConfig(
+            Launch(64, 4), Launch(64, 4, 2, 64, maxnreg=128), Launch(64, 4, maxnreg=128), Launch(64, 4, 2, maxnreg=168)
+        ),
     ],
 )
 @pytest.mark.parametrize("T, stride", [(1000, 48), (2048, 64)])
