@@ -398,6 +398,7 @@ def config_for(T: int, stride: int, head_dim: int) -> HsaConfig:
     return TUNED.get((T, stride, head_dim)) or default_config(T, stride, head_dim)
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of hashable arguments, asked on every call
 def config_error(config: HsaConfig, T: int, stride: int, head_dim: int) -> str | None:
     """Why `config` cannot run this shape (or would compute the wrong pairs), or None if it can."""
     np_ = _periods(T, stride)
