@@ -172,7 +172,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         for n in range(3):
             torch.testing.assert_close(qkv.grad[:, :, n].transpose(1, 2), ref_in[n].grad, atol=1e-5, rtol=1e-4)
 
-    # Launch configurations other than the defaults (16- to 128-row strided tiles, band blocks of 16 to 128, key tiles
+    # Launch configurations other than the defaults (16- to 128-row strided tiles, band blocks of 32 and 128, key tiles
     # apart from query blocks), picked up from the TUNED table.
     from kernels import hsa_attention as hsa
     from kernels.hsa_attention import HsaConfig, Launch
