@@ -8,10 +8,10 @@ The other modes ('local', 'strided', 'fixed', 'dense') exist as masks for the re
 The fast path splits the kept pairs into two disjoint sets, each computed as dense tensor-core tiles:
 - strided, i - j = m*l with m >= 1: keys share the query's residue i % l, so in residue-major order
   (row i = residue + a*l) the pattern is block-diagonal with strictly causal (T/l) x (T/l) blocks. One program
-  holds RS whole residue classes (>= 64 rows, gathered by pointer arithmetic, no permuted copy), so it loads every
-  q, k, v row once and computes its rows' strided attention outright: one tile, no loop.
-- band, 0 <= i - j < l: FlashAttention-2's tile loop over 64-row query blocks and the 64-key tiles that reach
-  back l positions (2 tiles for l = 64: the band and the causal diagonal).
+  holds RS whole residue classes (64 rows by default, gathered by pointer arithmetic, no permuted copy), so it
+  loads every q, k, v row once and computes its rows' strided attention outright: one tile, no loop.
+- band, 0 <= i - j < l: FlashAttention-2's tile loop over query blocks and the key tiles from l - 1 positions
+  before the block to its end (by default 64-row blocks and 64-key tiles).
 Why not fold the strided keys into the band program: a 64-row query block needs one key per row from each of its
 ~T/l earlier periods, i.e. T/l contiguous 64-row K/V slices used for 64 pairs each; summed over blocks that is
 T/(2l) reads of all of K and V from L2 (~370 MB per forward at T=1024, B*nh=192, ~4x the band's own traffic), the
@@ -20,8 +20,12 @@ The passes merge by log-sum-exp through the output buffer: the strided kernel wr
 kernel folds them into its online softmax in the epilogue and writes the final (o, lse).
 The backward pass is FlashAttention-2's (P recomputed from the final lse) in the same two steps: the strided kernel
 writes dQ, dK, dV of its pairs and delta = rowsum(dO * O) for every row (it loads each row once anyway); the band
-kernel adds its pairs, dK/dV key-major (the <= 1 + ceil((l-1)/64) query blocks that see a key block) and dQ
-query-major, in one program per 64-row block, no atomics.
+kernel adds its pairs in one program per 64-row block, no atomics: the diagonal tile (the block's queries against
+its own keys) once for all of dQ, dK, dV, then dK/dV key-major over the ceil((l-1)/64) later query blocks that see
+the block and dQ query-major over the earlier key blocks it sees.
+Outputs and gradients are laid out (B, T, nh, hs) when q is (the model's q is a view of c_attn's output), as flash
+attention's are: no copy before c_proj, none of dO or of dQ, dK, dV. Each kernel's block size, warps and pipeline
+stages come from a table swept per (T, l, head dim) (`python -m kernels.bench_hsa --sweep`), else from defaults.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +50,10 @@ except ImportError:  # CPU-only installs: the reference path still works
 MODES = ("sparse", "local", "strided", "fixed", "dense")
 TRITON_DTYPES = (torch.bfloat16, torch.float16)
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
-# The strided tile is one program's whole residue classes: max(64, next_pow2(T / l)) rows, all of q, k, v, dO, O in
+# The strided tile is one program's whole residue classes (>= next_pow2(T / l) rows), all of q, k, v, dO, O in
 # shared memory at once in the backward pass, so rows x head dim is bounded.
 MAX_STRIDED_TILE = 128 * 64
-BLOCK = 64  # band query and key block: the smallest wgmma M, and 2 key tiles per query block when l = 64
+BLOCK = 64  # default rows per program (see default_config)
 LOG2E = 1.4426950408889634
 
 
@@ -113,7 +119,8 @@ def hsa_attention_ref(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels. lse is kept in log2 units (scores are pre-multiplied by sm_scale * log2(e)) and never leaves here.
-# Q, K, V share one set of strides (stride_i*), Out, dO, dQ, dK, dV another (stride_o*); LSE and Delta are (B*H, T).
+# Q, K, V share one set of strides (stride_i*), Out, dQ, dK, dV another (stride_o*), dO has its own (stride_g*: its
+# layout is autograd's); LSE and Delta are (B*H, T).
 
 
 def _jit(fn):
@@ -182,12 +189,18 @@ def _band_fwd_kernel(
     row_ok = rows < T
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
+    # The strided kernel's (o, lse) of these rows, loaded now so that their latency overlaps the band's tiles.
+    out_ptr = Out + out_off + rows[:, None] * stride_ot + d[None, :]
+    o_s = tl.load(out_ptr, mask=row_ok[:, None], other=0.0)
+    lse_s = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
     # A finite floor for the running max: a key tile can hold no kept key for some rows (the band's first tile for
     # the block's last rows), and -inf - -inf would poison the rescale.
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    lo = tl.maximum(start - L + 1, 0) // BLOCK_N * BLOCK_N
+    # Key tiles start at the block's first band key, not at a multiple of BLOCK_N: BLOCK_M + l - 1 keys take
+    # ceil((BLOCK_M + l - 1) / BLOCK_N) tiles, e.g. one 128-key tile for a 64-row block at l = 64.
+    lo = tl.maximum(start - L + 1, 0)
     hi = tl.minimum(start + BLOCK_M, T)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -207,14 +220,11 @@ def _band_fwd_kernel(
     # Merge with the strided kernel's (o, lse) of the same rows; rows past T have l_i = 0 and are not stored.
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     lse_b = m_i + tl.log2(l_i)
-    out_ptr = Out + out_off + rows[:, None] * stride_ot + d[None, :]
-    o_s = tl.load(out_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    lse_s = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
     m = tl.maximum(lse_b, lse_s)
     w_b = tl.exp2(lse_b - m)
     w_s = tl.exp2(lse_s - m)
     w = w_b + w_s
-    o = (acc * (w_b / (l_i * w))[:, None]) + o_s * (w_s / w)[:, None]
+    o = (acc * (w_b / (l_i * w))[:, None]) + o_s.to(tl.float32) * (w_s / w)[:, None]
     tl.store(out_ptr, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + rows, m + tl.log2(w), mask=row_ok)
 
@@ -222,21 +232,20 @@ def _band_fwd_kernel(
 @_jit
 def _strided_bwd_kernel(
     Q, K, V, Out, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
+    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
     H, T, L,
     HEAD_DIM: tl.constexpr, NP: tl.constexpr, RS: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
-    in_off = (bh // H).to(tl.int64) * stride_ib + (bh % H).to(tl.int64) * stride_ih
-    out_off = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     i, ok, keep = _strided_rows(T, L, NP, RS)
     d = tl.arange(0, HEAD_DIM)
-    in_ptr = in_off + i[:, None] * stride_it + d[None, :]
-    out_ptr = out_off + i[:, None] * stride_ot + d[None, :]
+    in_ptr = b * stride_ib + h * stride_ih + i[:, None] * stride_it + d[None, :]
+    out_ptr = b * stride_ob + h * stride_oh + i[:, None] * stride_ot + d[None, :]
     q = tl.load(Q + in_ptr, mask=ok[:, None], other=0.0)
     k = tl.load(K + in_ptr, mask=ok[:, None], other=0.0)
     v = tl.load(V + in_ptr, mask=ok[:, None], other=0.0)
-    do = tl.load(DO + out_ptr, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_gb + h * stride_gh + i[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
     o = tl.load(Out + out_ptr, mask=ok[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * T + i, mask=ok, other=0.0)
     # Every row is in exactly one strided tile, so this is where the band kernel's delta comes from too.
@@ -253,95 +262,161 @@ def _strided_bwd_kernel(
 @_jit
 def _band_bwd_kernel(
     Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
+    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
     H, T, L,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Adds the band pairs' gradients to the strided kernel's dQ, dK, dV: key block pid*BLOCK_N's dK, dV, then
-    query block pid*BLOCK_M's dQ."""
-    pid = tl.program_id(0)
+    """Adds the band pairs' gradients to the strided kernel's dQ, dK, dV of block pid: dQ query-major over the
+    earlier key blocks the block sees, dK, dV key-major over the later query blocks that see it, and the diagonal
+    tile (query block = key block, in both lists) once for all three, between the loops: dQ is finished and
+    stored before dK, dV start accumulating, so at most two accumulators are live at a time."""
     bh = tl.num_programs(1) - 1 - tl.program_id(1)  # reverse order, as in the forward pass
-    in_off = (bh // H).to(tl.int64) * stride_ib + (bh % H).to(tl.int64) * stride_ih
-    out_off = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
-    Q += in_off
-    K += in_off
-    V += in_off
-    DO += out_off
-    DQ += out_off
-    DK += out_off
-    DV += out_off
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    Q += b * stride_ib + h * stride_ih
+    K += b * stride_ib + h * stride_ih
+    V += b * stride_ib + h * stride_ih
+    DO += b * stride_gb + h * stride_gh
+    DQ += b * stride_ob + h * stride_oh
+    DK += b * stride_ob + h * stride_oh
+    DV += b * stride_ob + h * stride_oh
     LSE += bh.to(tl.int64) * T
     Delta += bh.to(tl.int64) * T
     d = tl.arange(0, HEAD_DIM)
+    start = tl.program_id(0) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
+    ok = idx < T
+    q = tl.load(Q + idx[:, None] * stride_it + d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + idx[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
+    lse = tl.load(LSE + idx, mask=ok, other=0.0)
+    delta = tl.load(Delta + idx, mask=ok, other=0.0)
 
-    # dK, dV, key-major: the queries j <= i < j + l of the key block, over whole query tiles.
-    n0 = pid * BLOCK_N
-    cols = n0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < T
-    k = tl.load(K + cols[:, None] * stride_it + d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + cols[:, None] * stride_it + d[None, :], mask=col_ok[:, None], other=0.0)
-    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    for m0 in range(n0, tl.minimum(n0 + BLOCK_N + L - 1, T), BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+    # dQ from the earlier key blocks that i - l < j reaches (all below T: no key mask).
+    dq = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
+    for j0 in range(tl.maximum(start - L + 1, 0) // BLOCK * BLOCK, start, BLOCK):
+        keys = j0 + tl.arange(0, BLOCK)
+        kj = tl.load(K + keys[:, None] * stride_it + d[None, :])
+        vj = tl.load(V + keys[:, None] * stride_it + d[None, :])
+        s = tl.dot(q, tl.trans(kj)) * qk_scale
+        p = tl.where(idx[:, None] - keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(vj)) - delta[:, None])
+        dq += tl.dot(ds.to(kj.dtype), kj)
+
+    # The diagonal tile.
+    k = tl.load(K + idx[:, None] * stride_it + d[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(V + idx[:, None] * stride_it + d[None, :], mask=ok[:, None], other=0.0)
+    diff = idx[:, None] - idx[None, :]
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where((diff >= 0) & (diff < L) & ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+    ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(q.dtype)
+    out_ptr = idx[:, None] * stride_ot + d[None, :]
+    dq = (dq + tl.dot(ds, k)) * sm_scale + tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + out_ptr, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+    dk = tl.dot(tl.trans(ds), q)
+
+    # dK, dV from the later query blocks that j < i < j + l reaches, keys as rows (no tile transposed).
+    for m0 in range(start + BLOCK, tl.minimum(start + BLOCK + L - 1, T), BLOCK):
+        rows = m0 + tl.arange(0, BLOCK)
         row_ok = rows < T
-        q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_ot + d[None, :], mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-        diff = rows[None, :] - cols[:, None]
-        st = tl.dot(k, tl.trans(q)) * qk_scale
-        pt = tl.where((diff >= 0) & (diff < L) & row_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)
-        dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q)
-    kv_ptr = cols[:, None] * stride_ot + d[None, :]
-    dk = dk * sm_scale + tl.load(DK + kv_ptr, mask=col_ok[:, None], other=0.0).to(tl.float32)
-    dv += tl.load(DV + kv_ptr, mask=col_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DK + kv_ptr, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + kv_ptr, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-
-    # dQ, query-major: the key tiles reaching back l positions, as in the forward pass.
-    start = pid * BLOCK_M
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_ot + d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    lo = tl.maximum(start - L + 1, 0) // BLOCK_N * BLOCK_N
-    for j0 in range(lo, tl.minimum(start + BLOCK_M, T), BLOCK_N):
-        keys = j0 + tl.arange(0, BLOCK_N)
-        key_ok = keys < T
-        kk = tl.load(K + keys[:, None] * stride_it + d[None, :], mask=key_ok[:, None], other=0.0)
-        vv = tl.load(V + keys[:, None] * stride_it + d[None, :], mask=key_ok[:, None], other=0.0)
-        diff = rows[:, None] - keys[None, :]
-        s = tl.dot(q, tl.trans(kk)) * qk_scale
-        p = tl.where((diff >= 0) & (diff < L) & key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(vv)) - delta[:, None])
-        dq += tl.dot(ds.to(kk.dtype), kk)
-    q_ptr = rows[:, None] * stride_ot + d[None, :]
-    dq = dq * sm_scale + tl.load(DQ + q_ptr, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DQ + q_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        qm = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
+        dom = tl.load(DO + rows[:, None] * stride_gt + d[None, :], mask=row_ok[:, None], other=0.0)
+        lse_m = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        delta_m = tl.load(Delta + rows, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(qm)) * qk_scale
+        pt = tl.where((rows[None, :] - idx[:, None] < L) & row_ok[None, :], tl.exp2(st - lse_m[None, :]), 0.0)
+        dv += tl.dot(pt.to(dom.dtype), dom)
+        dst = pt * (tl.dot(v, tl.trans(dom)) - delta_m[None, :])
+        dk += tl.dot(dst.to(qm.dtype), qm)
+    dk = dk * sm_scale + tl.load(DK + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    dv += tl.load(DV + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + out_ptr, dk.to(DK.dtype.element_ty), mask=ok[:, None])
+    tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launch. Fixed configurations (no autotuning: compile time counts), 64-row blocks everywhere.
+# Launch. Each kernel's parameters come from TUNED, a table swept per (T, stride, head dim), else default_config.
+# Not triton.autotune: it would pick per process (so runs, and DDP ranks, could differ in their rounding) and pay
+# its benchmarking in the first training step.
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel's launch parameters. block: rows per program, a power of two >= 16: a strided tile (RS = block / NP
+    residue classes of NP = next_pow2(T / l) periods, so block >= NP; keys are the same rows), a band program's
+    query block and key block (band forward: its key tile is block_n, default block). num_stages pipelines the
+    band kernels' loops over key or query blocks; the strided kernels have no loop. maxnreg caps the registers per
+    thread (ptxas .maxnreg): more programs per SM to hide the load latency of these short programs, for some
+    spilling (e.g. the band backward's 229 registers at 4 warps allow 2 programs per SM, 168 allow 3)."""
+
+    block: int
+    num_warps: int
+    num_stages: int = 1
+    block_n: int | None = None
+    maxnreg: int | None = None
+
+    def options(self) -> dict[str, int]:
+        """Triton's launch options."""
+        extra = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **extra}
+
+
+class HsaConfig(NamedTuple):
+    """The launch parameters of the four kernels for one (T, stride, head dim)."""
+
+    strided_fwd: Launch
+    band_fwd: Launch
+    strided_bwd: Launch
+    band_bwd: Launch
+
+
+# (T, stride, head dim) -> the fastest configuration of `python -m kernels.bench_hsa --sweep` on an H100 (it prints
+# these entries); any other shape runs default_config.
+TUNED: dict[tuple[int, int, int], HsaConfig] = {}
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def _strided_plan(T: int, stride: int) -> tuple[int, int]:
-    """(NP, RS): NP = next_pow2(T / l) rows per residue class, RS classes per tile so that a tile has >= 64 rows."""
-    np_ = _next_pow2(-(-T // stride))
-    return np_, max(1, BLOCK // np_)
+def _periods(T: int, stride: int) -> int:
+    """NP: rows per residue class in a strided tile, next_pow2(T / l)."""
+    return _next_pow2(-(-T // stride))
 
 
-def _num_warps(rows: int, head_dim: int) -> int:
-    return 4 if rows * head_dim <= BLOCK * 64 else 8
+@functools.lru_cache(maxsize=64)  # immutable; looked up on every call
+def default_config(T: int, stride: int, head_dim: int) -> HsaConfig:
+    """64-row blocks and key tiles (the smallest wgmma M) and a strided tile of one residue class where that is
+    longer; 8 warps once a tile is over 64 x 64."""
+    tile = max(BLOCK, _periods(T, stride))
+    strided = Launch(tile, 4 if tile * head_dim <= BLOCK * 64 else 8)
+    warps, small = (4, True) if head_dim <= 64 else (8, False)
+    band_fwd = Launch(BLOCK, warps, 3 if small else 2, BLOCK)
+    return HsaConfig(strided, band_fwd, strided, Launch(BLOCK, warps, 2 if small else 1))
+
+
+def config_for(T: int, stride: int, head_dim: int) -> HsaConfig:
+    return TUNED.get((T, stride, head_dim)) or default_config(T, stride, head_dim)
+
+
+@functools.lru_cache(maxsize=256)  # a pure function of hashable arguments, asked on every call
+def config_error(config: HsaConfig, T: int, stride: int, head_dim: int) -> str | None:
+    """Why `config` cannot run this shape (or would compute the wrong pairs), or None if it can."""
+    np_ = _periods(T, stride)
+    for name, launch in zip(HsaConfig._fields, config, strict=True):
+        for size in (launch.block, launch.block_n or launch.block, launch.num_warps):
+            if size < 1 or size & (size - 1):
+                return f"{name}: block sizes and num_warps must be powers of two, got {launch}"
+        if min(launch.block, launch.block_n or launch.block) < 16 or launch.num_stages < 1:
+            return f"{name}: blocks must be >= 16 (tl.dot) and num_stages >= 1, got {launch}"
+        if launch.maxnreg is not None and not 32 <= launch.maxnreg <= 255:
+            return f"{name}: maxnreg must be in [32, 255], got {launch}"
+        if launch.block_n is not None and name != "band_fwd" and launch.block_n != launch.block:
+            return f"{name}: only band_fwd has a key tile of its own, got {launch}"
+        if name.startswith("strided") and launch.block < np_:
+            return f"{name}: a {launch.block}-row tile cannot hold a residue class of {np_} periods (T={T}, l={stride})"
+        if name.startswith("strided") and launch.block * head_dim > MAX_STRIDED_TILE:
+            return f"{name}: tile rows x head dim = {launch.block} x {head_dim} > {MAX_STRIDED_TILE}"
+    return None
 
 
 def triton_unsupported(q: torch.Tensor, stride: int, mode: str = "sparse", dropout_p: float = 0.0) -> str | None:
@@ -357,50 +432,12 @@ def triton_unsupported(q: torch.Tensor, stride: int, mode: str = "sparse", dropo
         return f"dtype {q.dtype} (needs bfloat16 or float16)"
     if hs not in TRITON_HEAD_DIMS:
         return f"head dim {hs} (needs one of {TRITON_HEAD_DIMS})"
-    np_, rs = _strided_plan(T, stride)
-    if np_ * rs * hs > MAX_STRIDED_TILE:
-        return f"T={T}, stride={stride}, head dim {hs} (needs next_pow2(T / stride) * head dim <= {MAX_STRIDED_TILE})"
-    return None
+    why = config_error(config_for(T, stride, hs), T, stride, hs)
+    return None if why is None else f"T={T}, stride={stride}, head dim {hs}: {why}"
 
 
-def _io_strides(x: torch.Tensor) -> tuple[int, int, int]:
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _hsa_forward(q, k, v, stride):
-    B, H, T, D = q.shape
-    o = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B * H, T), device=q.device, dtype=torch.float32)
-    qk_scale = LOG2E / math.sqrt(D)
-    args = (q, k, v, o, lse, qk_scale, *_io_strides(q), *_io_strides(o), H, T, stride)
-    np_, rs = _strided_plan(T, stride)
-    _strided_fwd_kernel[(-(-stride // rs), B * H)](
-        *args, HEAD_DIM=D, NP=np_, RS=rs, num_warps=_num_warps(np_ * rs, D), num_stages=1
-    )
-    _band_fwd_kernel[(-(-T // BLOCK), B * H)](
-        *args, HEAD_DIM=D, BLOCK_M=BLOCK, BLOCK_N=BLOCK, num_warps=_num_warps(BLOCK, D), num_stages=3 if D <= 64 else 2
-    )
-    return o, lse
-
-
-def _hsa_backward(q, k, v, o, lse, do, stride):
-    B, H, T, D = q.shape
-    if do.stride() != o.stride():
-        do = do.contiguous()
-    dq, dk, dv = torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
-    delta = torch.empty_like(lse)
-    sm_scale = 1.0 / math.sqrt(D)
-    strides = (*_io_strides(q), *_io_strides(o), H, T, stride)
-    np_, rs = _strided_plan(T, stride)
-    _strided_bwd_kernel[(-(-stride // rs), B * H)](
-        q, k, v, o, do, dq, dk, dv, lse, delta, sm_scale * LOG2E, sm_scale, *strides,
-        HEAD_DIM=D, NP=np_, RS=rs, num_warps=_num_warps(np_ * rs, D), num_stages=1,
-    )  # fmt: skip
-    _band_bwd_kernel[(-(-T // BLOCK), B * H)](
-        q, k, v, do, dq, dk, dv, lse, delta, sm_scale * LOG2E, sm_scale, *strides,
-        HEAD_DIM=D, BLOCK_M=BLOCK, BLOCK_N=BLOCK, num_warps=_num_warps(BLOCK, D), num_stages=2 if D <= 64 else 1,
-    )  # fmt: skip
-    return dq, dk, dv
 
 
 def _same_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -411,18 +448,84 @@ def _same_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    """A (B, nh, T, hs) output or gradient, laid out (B, T, nh, hs) when q is (the model's q, a view of c_attn's
+    output): the model's y.transpose(1, 2).contiguous() is then free and autograd hands dO back in o's layout, as
+    flash attention does; dQ, dK, dV then need no copy on their way back to c_attn either. A function of q's shape
+    and stride order only (not of a size-1 dim's stride, which compiled graphs may set either way), so the fake ops
+    below make the same layout."""
+    B, H, T, D = q.shape
+    if H > 1 and T > 1 and q.stride(1) < q.stride(2):
+        return q.new_empty((B, T, H, D)).transpose(1, 2)
+    return q.new_empty((B, H, T, D))
+
+
+def _check_config(config: HsaConfig | None, T: int, stride: int, D: int) -> HsaConfig:
+    if config is None:
+        return config_for(T, stride, D)
+    if (why := config_error(config, T, stride, D)) is not None:
+        raise ValueError(f"hsa config for T={T}, stride={stride}, head dim {D}: {why}")
+    return config
+
+
+def hsa_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int, config: HsaConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernels: (o, lse), o (B, nh, T, hs) laid out as _empty_out(q), lse (B*nh, T) in log2 units.
+    config: config_for's unless given (the sweep's trials)."""
+    B, H, T, D = q.shape
+    strided, band = _check_config(config, T, stride, D)[:2]
+    o = _empty_out(q)
+    q, k, v = _same_layout(q, k, v)
+    lse = q.new_empty((B * H, T), dtype=torch.float32)
+    args = (q, k, v, o, lse, LOG2E / math.sqrt(D), *_strides(q), *_strides(o), H, T, stride)
+    np_ = _periods(T, stride)
+    rs = strided.block // np_
+    _strided_fwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
+    _band_fwd_kernel[(-(-T // band.block), B * H)](
+        *args, HEAD_DIM=D, BLOCK_M=band.block, BLOCK_N=band.block_n or band.block, **band.options()
+    )
+    return o, lse
+
+
+def hsa_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+    stride: int, config: HsaConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernels: (dQ, dK, dV), laid out as _empty_out(q); (o, lse) are hsa_forward's of the same q."""
+    B, H, T, D = q.shape
+    strided, band = _check_config(config, T, stride, D)[2:]
+    dq, dk, dv = _empty_out(q), _empty_out(q), _empty_out(q)
+    if o.stride() != dq.stride():
+        raise ValueError(f"o must be hsa_forward's output for this q (strides {dq.stride()}), got {o.stride()}")
+    q, k, v = _same_layout(q, k, v)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = torch.empty_like(lse)
+    sm_scale = 1.0 / math.sqrt(D)
+    args = (
+        q, k, v, o, do, dq, dk, dv, lse, delta, sm_scale * LOG2E, sm_scale,
+        *_strides(q), *_strides(o), *_strides(do), H, T, stride,
+    )  # fmt: skip
+    np_ = _periods(T, stride)
+    rs = strided.block // np_
+    _strided_bwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
+    _band_bwd_kernel[(-(-T // band.block), B * H)](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
+    return dq, dk, dv
+
+
 # The kernels as torch.library custom ops: torch.compile sees one opaque op per pass (shapes from the fakes below)
 # instead of a graph break. A break inside a block made dynamo run GPT.forward's loop over blocks eagerly and split
 # every block into pieces, on top of the kernel's own time.
 @torch.library.custom_op("sparse_pretrain::hsa_fwd", mutates_args=())
 def _hsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _hsa_forward(*_same_layout(q, k, v), stride)
+    return hsa_forward(q, k, v, stride)
 
 
 @_hsa_fwd_op.register_fake
 def _(q, k, v, stride):
     B, H, T, D = q.shape
-    return q.new_empty((B, H, T, D)), q.new_empty((B * H, T), dtype=torch.float32)
+    return _empty_out(q), q.new_empty((B * H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("sparse_pretrain::hsa_bwd", mutates_args=())
@@ -430,13 +533,12 @@ def _hsa_bwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
     stride: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = _same_layout(q, k, v)
-    return _hsa_backward(q, k, v, o, lse, do, stride)
+    return hsa_backward(q, k, v, o, lse, do, stride)
 
 
 @_hsa_bwd_op.register_fake
 def _(q, k, v, o, lse, do, stride):
-    return torch.empty_like(o), torch.empty_like(o), torch.empty_like(o)
+    return _empty_out(q), _empty_out(q), _empty_out(q)
 
 
 def _hsa_setup(ctx, inputs, output) -> None:

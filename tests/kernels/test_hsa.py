@@ -8,10 +8,16 @@ import torch
 
 from kernels.hsa_attention import (
     MODES,
+    TUNED,
+    HsaConfig,
+    Launch,
+    config_error,
+    default_config,
     hsa_attention,
     hsa_attention_ref,
     hsa_attention_triton,
     hsa_density,
+    hsa_forward,
     hsa_mask,
     make_hsa_attend,
 )
@@ -107,6 +113,37 @@ def test_make_hsa_attend_plugs_into_gpt():
         make_hsa_attend(4, "bigbird")
 
 
+@pytest.mark.parametrize("T, stride, hs", [(1024, 64, 64), (2048, 64, 64), (1024, 16, 128), (300, 3, 16), (40, 1, 32)])
+def test_default_config_fits(T, stride, hs):
+    assert config_error(default_config(T, stride, hs), T, stride, hs) is None
+
+
+def test_tuned_entries_fit_their_shapes():
+    for (T, stride, hs), cfg in TUNED.items():
+        assert isinstance(cfg, HsaConfig) and config_error(cfg, T, stride, hs) is None, (T, stride, hs)
+
+
+@pytest.mark.parametrize(
+    "kernel, launch, match",
+    [
+        ("band_fwd", Launch(48, 4), "powers of two"),
+        ("band_bwd", Launch(64, 3), "powers of two"),
+        ("band_bwd", Launch(8, 4), ">= 16"),
+        ("strided_fwd", Launch(16, 4), "residue class of 32 periods"),
+        ("strided_bwd", Launch(256, 8), "256 x 64"),
+        ("band_bwd", Launch(64, 4, 2, 32), "key tile"),
+        ("strided_bwd", Launch(64, 4, maxnreg=300), "maxnreg"),
+    ],
+)
+def test_bad_configs_are_refused_with_the_reason(kernel, launch, match):
+    T, stride, hs = 2048, 64, 64  # 32 periods per residue class
+    cfg = default_config(T, stride, hs)._replace(**{kernel: launch})
+    assert match in config_error(cfg, T, stride, hs)
+    q, k, v = _qkv(B=1, H=1, T=T, D=hs)
+    with pytest.raises(ValueError, match=kernel):
+        hsa_forward(q, k, v, stride, cfg)
+
+
 # The Triton kernel under the CPU interpreter, in a subprocess so TRITON_INTERPRET never reaches other tests; then
 # the same kernels inside a compiled GPT.
 # q, k, v are strided views of one (B, T, 3, nh, hs) tensor, as the model's c_attn split makes them.
@@ -134,6 +171,47 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
         for n in range(3):
             torch.testing.assert_close(qkv.grad[:, :, n].transpose(1, 2), ref_in[n].grad, atol=1e-5, rtol=1e-4)
+
+    # Launch configurations other than the defaults (16- to 128-row strided tiles, band blocks of 32 and 128, key tiles
+    # apart from query blocks), picked up from the TUNED table.
+    from kernels import hsa_attention as hsa
+    from kernels.hsa_attention import HsaConfig, Launch
+    configs = [
+        HsaConfig(Launch(16, 2), Launch(128, 4, 2, 32), Launch(32, 4), Launch(32, 4, 1, maxnreg=168)),
+        HsaConfig(Launch(128, 8), Launch(32, 4, 3, 128), Launch(128, 8), Launch(128, 8, 2)),
+    ]
+    for T, l in [(257, 64), (300, 20)]:
+        q, k, v = (torch.randn(1, 2, T, 16, requires_grad=True) for _ in range(3))
+        dout = torch.randn(1, 2, T, 16)
+        ref = hsa_attention_ref(q, k, v, l)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+        for cfg in configs:
+            assert hsa.config_error(cfg, T, l, 16) is None
+            hsa.TUNED[(T, l, 16)] = cfg
+            out = hsa_attention_triton(q, k, v, l)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+            for g, g_ref in zip(torch.autograd.grad(out, (q, k, v), dout), ref_grads):
+                torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+    hsa.TUNED.clear()
+
+    # Output and gradient layouts: (B, T, nh, hs) for the model's q (no copy before c_proj), contiguous otherwise;
+    # the fake ops (what torch.compile plans with) give the same strides as the kernels.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for model_layout in (True, False):
+        qkv = torch.randn(2, 40, 3, 4, 16)
+        q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
+        if not model_layout:
+            q, k, v = (x.contiguous() for x in (q, k, v))
+        o, lse = hsa._hsa_fwd_op(q, k, v, 8)
+        dout = torch.randn_like(o)
+        grads = hsa._hsa_bwd_op(q, k, v, o, lse, dout, 8)
+        assert o.transpose(1, 2).is_contiguous() == model_layout and o.is_contiguous() != model_layout
+        with FakeTensorMode() as mode:
+            fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+            fo, flse = hsa._hsa_fwd_op(fq, fk, fv, 8)
+            fgrads = hsa._hsa_bwd_op(fq, fk, fv, fo, flse, mode.from_tensor(dout), 8)
+        assert (fo.stride(), flse.stride()) == (o.stride(), lse.stride())
+        assert [g.stride() for g in fgrads] == [g.stride() for g in grads] == [o.stride()] * 3
 
     # Inside a compiled GPT the kernels are custom ops: one graph, no break (fullgraph raises on any), same numbers.
     from model.gpt import GPT, GPTConfig
@@ -198,3 +276,60 @@ def test_auto_picks_triton_on_gpu_and_ref_otherwise():
     torch.testing.assert_close(hsa_attention(q, k, v, 16), hsa_attention_triton(q, k, v, 16), atol=0, rtol=0)
     ref = hsa_attention_ref(q, k, v, 16, "local")
     torch.testing.assert_close(hsa_attention(q, k, v, 16, "local"), ref, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        HsaConfig(Launch(32, 2), Launch(128, 8, 2, 32), Launch(32, 4), Launch(32, 4, 1)),
+        HsaConfig(Launch(128, 8), Launch(64, 4, 1, 128), Launch(128, 8), Launch(128, 8, 2)),
+        HsaConfig(
+            Launch(64, 4), Launch(64, 4, 2, 64, maxnreg=128), Launch(64, 4, maxnreg=128), Launch(64, 4, 2, maxnreg=168)
+        ),
+    ],
+)
+@pytest.mark.parametrize("T, stride", [(1000, 48), (2048, 64)])
+def test_launch_configs_match_ref_on_gpu(cfg, T, stride, monkeypatch):
+    """Configurations of the sweep's grid other than the defaults, as the model calls the kernel (q, k, v views of
+    one c_attn output), through the TUNED table."""
+    monkeypatch.setitem(TUNED, (T, stride, 64), cfg)
+    B, H, hs = 2, 4, 64
+    qkv = torch.randn(B, T, 3 * H * hs, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (x.view(B, T, H, hs).transpose(1, 2) for x in qkv.split(H * hs, dim=2))
+    dout = torch.randn(B, H, T, hs, device="cuda", dtype=torch.bfloat16)
+    ref = hsa_attention_ref(*(x.detach().float() for x in (q, k, v)), stride)
+    low = hsa_attention_ref(q, k, v, stride)
+    out = hsa_attention(q, k, v, stride, backend="triton")
+    assert out.transpose(1, 2).is_contiguous()  # (B, T, nh, hs): the model's transpose + contiguous is free
+    assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3
+    fp32 = qkv.detach().float().requires_grad_()
+    ref_q, ref_k, ref_v = (x.view(B, T, H, hs).transpose(1, 2) for x in fp32.split(H * hs, dim=2))
+    (ref_grad,) = torch.autograd.grad(hsa_attention_ref(ref_q, ref_k, ref_v, stride), fp32, dout.float())
+    (low_grad,) = torch.autograd.grad(low, qkv, dout)
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    for part, g, g_low, g_ref in zip("qkv", grad.chunk(3, -1), low_grad.chunk(3, -1), ref_grad.chunk(3, -1)):
+        assert _max_err(g, g_ref) <= 2 * _max_err(g_low, g_ref) + 1e-3, f"d{part}"
+
+
+@pytest.mark.gpu
+def test_bench_rows_and_sweep_on_gpu():
+    """kernels/bench_hsa.py on a small case: every variant and layout in both timing modes (the graph rows capture
+    the HSA custom ops, forward and backward), then a sweep over a two-point grid per kernel."""
+    import time
+
+    from kernels import bench_hsa as bench
+
+    rows = [r for mode in bench.MODES for r in bench.case_rows(256, 16, 2, mode, warmup=1, iters=3)]
+    assert all("error" not in r for r in rows), [r["error"] for r in rows if "error" in r]
+    assert len(rows) == len(bench.MODES) * len(bench.LAYOUTS) * 3
+    assert all(r["fwd_ms"] > 0 and r["speedup_fwd_bwd"] > 0 for r in rows)
+    grid = {"strided_fwd": [Launch(64, 4), Launch(32, 2)], "band_fwd": [Launch(64, 4, 3, 64), Launch(128, 8, 2, 64)],
+            "strided_bwd": [Launch(64, 4), Launch(32, 4)], "band_bwd": [Launch(64, 4, 2), Launch(32, 4, 1)]}
+    timer = lambda fn: bench.time_call(fn, "graph", 1, 3)
+    swept = bench.sweep_case(256, 16, 2, timer, time.time() + 300, candidates=grid.__getitem__, log=lambda s: None)
+    for name in HsaConfig._fields:
+        trials = swept["kernels"][name]["trials"]
+        assert len(trials) == 2 and all(t["ok"] and t["ms"] > 0 for t in trials), trials
+        assert swept["kernels"][name]["best"] == min(trials, key=lambda t: t["ms"])["launch"]
+    assert swept["tuned_fwd_ms"] > 0 and swept["tuned_bwd_ms"] > 0 and swept["tuned_entry"].startswith("(256, 16, 64)")
