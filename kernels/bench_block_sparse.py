@@ -1,6 +1,7 @@
 """Block-sparse linears vs dense (bf16), per linear fwd+bwd and per GEMM, on one CUDA device.
 
     python -m kernels.bench_block_sparse --out results.json [--blocks 64,128] [--tokens 16384] [--modes eager,graph]
+    python -m kernels.bench_block_sparse --quick --modes eager,compiled,graph --out results.json
     python -m kernels.bench_block_sparse --quick --out results.json   # 1024x4096 + 4096x1024, b=128, 0/75/90%
 
 Each variant runs a warm-up (which also runs Triton's autotuning), then `reps` calls back to back with a CUDA
@@ -11,11 +12,14 @@ where it is close to `ms`, the row measures the host, not the kernels).
 
 Variants: bf16 weights (`fwd+bwd`, `fwd+bwd dense_wgrad`, and each GEMM alone) and the trainer's case, fp32
 master weights under bf16 autocast (`fwd+bwd amp`); dense is F.linear. A fwd+bwd call is one forward + backward
-with every .grad set to None first (backward allocates them, as a step with grad_accum = 1), in two modes:
-- eager: as training runs it (the Python autograd op, one launch per kernel);
+with every .grad set to None first (backward allocates them, as a step with grad_accum = 1), in these modes:
+- eager: as an uncompiled training step runs it (the Python autograd op, one launch per kernel);
+- compiled: the forward through torch.compile(fullgraph=True) (inductor; the block-sparse linear as custom ops),
+  as a compiled training step runs it: its host_ms is the host work a compiled step's linear costs. Not in the
+  default --modes: every variant compiles anew (seconds each);
 - graph: the same call warmed up on a side stream, captured once in a CUDA graph and replayed: the GPU's time.
-Speedups are against dense of the same mode. All eager rows run before the graph rows (a failed capture leaves
-the CUDA generator unusable; the inputs come from CPU generators, identical in both modes). Before timing, the
+Speedups are against dense of the same mode. The graph rows run last (a failed capture leaves the CUDA generator
+unusable; the inputs come from CPU generators, identical in every mode). Before timing, the
 Triton GEMMs are checked against the fp32 reference on the same bf16 inputs, and every fwd+bwd row checks the
 x and W grads of its last timed call (max |err| / max |ref|). A failing variant records its error and the run goes
 on. Issue 8 targets, per linear fwd+bwd at 1024x4096: >= 2.5x over dense at 75% block sparsity, >= 5x at 90%.
@@ -40,7 +44,8 @@ from kernels.benchutil import capture, rel_err, time_ms
 SHAPES = [(1024, 4096), (4096, 1024), (768, 3072), (3072, 768)]  # (in, out) of nn.Linear(in, out)
 SPARSITIES = [0.0, 0.5, 0.75, 0.9]
 TARGETS = {"1024x4096": {0.75: 2.5, 0.9: 5.0}}  # issue 8: fwd+bwd speedup over dense
-MODES = ("eager", "graph")
+MODES = ("eager", "compiled", "graph")
+DEFAULT_MODES = ("eager", "graph")
 TOL = 2e-2  # bf16 inputs, fp32 accumulation: max |err| / max |ref|
 
 
@@ -72,6 +77,9 @@ def fwd_bwd(
     autocast's cast cache is off, as the CUDA-graphs notes ask of captured autocast. Nothing the call reads may
     hold a live autograd graph at capture time (its AccumulateGrad nodes belong to another stream).
     """
+    if mode == "compiled":
+        torch._dynamo.reset()  # every variant's forward is a lambda of one code object, whose cache dynamo would share
+        forward = torch.compile(forward, fullgraph=True)
 
     def call() -> None:
         for t in leaves:
@@ -80,7 +88,7 @@ def fwd_bwd(
             y = forward()
         y.backward(dy)
 
-    if mode == "eager":
+    if mode != "graph":
         return call
     return capture(call)[0].replay
 
@@ -213,14 +221,14 @@ def bench_shape(
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'shape':>10} {'variant':>24} {'mode':>5} {'blk':>4} {'sp':>5} {'ms':>8} {'host':>8} {'dense':>8} "
+    head = (f"{'shape':>10} {'variant':>24} {'mode':>8} {'blk':>4} {'sp':>5} {'ms':>8} {'host':>8} {'dense':>8} "
             f"{'x':>6} {'TF/s':>6} {'err':>8}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)
         bad = "" if r.get("max_rel_err") is None or r["max_rel_err"] < TOL else "  TOO LARGE"
-        print(f"{r['shape']:>10} {r['variant']:>24} {r['mode']:>5} {fmt(r.get('block'), 'd'):>4} "
+        print(f"{r['shape']:>10} {r['variant']:>24} {r['mode']:>8} {fmt(r.get('block'), 'd'):>4} "
               f"{fmt(r.get('sparsity'), '.2f'):>5} {fmt(r.get('ms'), '.3f'):>8} {fmt(r.get('host_ms'), '.3f'):>8} "
               f"{fmt(r.get('dense_ms'), '.3f'):>8} {fmt(r.get('speedup'), '.2f'):>6} "
               f"{fmt(r.get('tflops'), '.0f'):>6} {fmt(r.get('max_rel_err'), '.1e'):>8}{bad}"
@@ -258,7 +266,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(f"{i}x{o}" for i, o in SHAPES), help="comma-separated INxOUT")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated fwd+bwd timing modes (eager, graph)")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated fwd+bwd timing modes {MODES}")
     ap.add_argument("--sync-each", action="store_true", help="wait for the GPU after every call (v1's timing)")
     ap.add_argument("--quick", action="store_true", help="1024x4096,4096x1024, b=128, sparsity 0,0.75,0.9 (< 1 min)")
     args = ap.parse_args()
@@ -296,8 +304,8 @@ def main() -> None:
             json.dump(result, f, indent=1)
         return result
 
-    # eager first: a failed graph capture must not cost the eager rows (it breaks the CUDA generator)
-    for mode in modes:
+    # graph last: a failed capture must not cost the other rows (it breaks the CUDA generator)
+    for mode in sorted(modes, key=MODES.index):
         for in_f, out_f in shapes:
             rows += bench_shape(in_f, out_f, args.tokens, blocks, sparsities, args.warmup, args.reps, mode,
                                 args.sync_each)  # fmt: skip

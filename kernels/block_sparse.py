@@ -30,7 +30,9 @@ to fill the GPU's last wave: straight into the zeroed fp32 dW of fp32 master wei
 Nothing on the per-call path syncs with the host (all sizes come from the index tensors' shapes), so a fwd+bwd
 can be captured in a CUDA graph. Host work per fwd+bwd: the autograd op, a zero-fill and 4 launches (pack, forward,
 dX, dW; a 16-bit dW reduced over split token chunks adds its cast pass); the backend choice and the dW split
-count are cached, so with short kernels the launches are what the host spends its time on.
+count are cached, so with short kernels the launches are what the host spends its time on. Under torch.compile the
+same steps are three torch.library custom ops (forward, dX, dW) that take the mask as its index tensors, so a model
+compiles into one graph, and a mask update (new index tensors, new lengths) runs the same graph, no recompile.
 """
 
 from __future__ import annotations
@@ -59,10 +61,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @dataclasses.dataclass(frozen=True)
 class BlockMaskInfo:
-    """A block mask and the int32 index lists the kernels walk. Build with `build_block_mask_info`."""
+    """A block mask and the int32 index lists the kernels walk. Build with `build_block_mask_info`.
+
+    The tensors (`tensors()`, in field order) and `block` determine the rest, so the custom ops take a mask as a
+    list of tensors and an int (`from_tensors`). The lists whose length is the block count (nnz) or the dW task count
+    are marked for torch.compile as sizes known only at run time (`_mark_unbacked_lists`).
+    """
 
     mask: torch.Tensor  # (R, C) bool, R = out/b, C = in/b
-    block: int
     row_ptr: torch.Tensor  # (R+1,) forward CSR: row j's nonzero column blocks are row_cols[row_ptr[j]:row_ptr[j+1]]
     row_cols: torch.Tensor  # (nnz,)
     row_order: torch.Tensor  # (R,) rows by nonzero count, descending (launch order)
@@ -76,6 +82,7 @@ class BlockMaskInfo:
     task_fixed: torch.Tensor  # (T,) dW tasks: the row (or column) block the G grouped blocks share
     task_other: torch.Tensor  # (T, G) their column (or row) blocks; padding repeats slot 0
     task_ids: torch.Tensor  # (T, G) their compact indices, -1 for padding
+    block: int
     by_row: bool  # dW tasks group blocks of one row (else of one column)
     group: int  # G
 
@@ -95,10 +102,46 @@ class BlockMaskInfo:
     def density(self) -> float:
         return self.nnz / self.mask.numel()
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in _TENSOR_FIELDS]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor], block: int) -> BlockMaskInfo:
+        return cls(*tensors, block=block, by_row=_by_row(*tensors[_MASK].shape), group=_group(block))
+
     def to(self, device: torch.device | str) -> BlockMaskInfo:
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
-        return BlockMaskInfo(**moved)
+        info = BlockMaskInfo.from_tensors([t.to(device) for t in self.tensors()], self.block)
+        _mark_unbacked_lists(info)
+        return info
+
+
+_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(BlockMaskInfo) if f.name not in ("block", "by_row", "group"))
+_MASK, _BLK_ROWS = _TENSOR_FIELDS.index("mask"), _TENSOR_FIELDS.index("blk_rows")
+# dim 0 of these is nnz or the dW task count; every other tensor's shape follows from the weight's and b
+_LIST_FIELDS = ("row_cols", "col_rows", "col_ids", "blk_rows", "blk_cols", "task_fixed", "task_other", "task_ids")
+
+
+def _mark_unbacked_lists(info: BlockMaskInfo) -> None:
+    """Let torch.compile treat the list lengths as sizes known only at run time ("unbacked"), one symbol per tensor,
+    so that every mask update feeds the same compiled graph. Static sizes (the default) recompile at the first update
+    that changes a count and then turn on automatic dynamic shapes, which share one symbol among lists of equal
+    length ("duck sizing": a later update that makes two such counts differ recompiles again) and specialize lengths
+    0 and 1 (as maybe_mark_dynamic does): a recompile whenever a small layer's count reaches or leaves 1. Nothing
+    traced reads these lengths: the fakes only size the packed weight (nnz, b, b) with them, and the kernels read
+    them from the real tensors when they run."""
+    from torch._dynamo.decorators import mark_unbacked  # here: importing dynamo costs ~1 s, once a process
+
+    for name in _LIST_FIELDS:
+        mark_unbacked(getattr(info, name), 0)
+
+
+def _by_row(n_rows: int, n_cols: int) -> bool:
+    """Group dW blocks along the axis with the longer lists, so fewer of a task's G slots are padding."""
+    return n_cols >= n_rows
+
+
+def _group(block: int) -> int:
+    return max(1, DW_TILE // block)
 
 
 def _grouped_tasks(lengths: torch.Tensor, other: torch.Tensor, ids: torch.Tensor, group: int):
@@ -138,17 +181,13 @@ def build_block_mask_info(mask: torch.Tensor, block: int, device: torch.device |
     t_cols, t_rows = m.t().nonzero(as_tuple=True)  # column-major walk: (column, row) pairs
     block_id = torch.full((n_rows, n_cols), -1, dtype=i32)
     block_id[blk_rows, blk_cols] = torch.arange(blk_rows.numel(), dtype=i32)
-    group = max(1, DW_TILE // block)
-    # Group dW blocks along the axis with the longer lists, so fewer of a task's G slots are padding.
-    by_row = n_cols >= n_rows
-    if by_row:
-        tasks = _grouped_tasks(row_counts, blk_cols, block_id[blk_rows, blk_cols], group)
+    if _by_row(n_rows, n_cols):
+        tasks = _grouped_tasks(row_counts, blk_cols, block_id[blk_rows, blk_cols], _group(block))
     else:
-        tasks = _grouped_tasks(col_counts, t_rows, block_id[t_rows, t_cols], group)
+        tasks = _grouped_tasks(col_counts, t_rows, block_id[t_rows, t_cols], _group(block))
     zero = torch.zeros(1, dtype=torch.long)
     info = BlockMaskInfo(
         mask=m,
-        block=block,
         row_ptr=torch.cat([zero, row_counts.cumsum(0)]).to(i32),
         row_cols=blk_cols.to(i32),
         row_order=torch.argsort(row_counts, descending=True, stable=True).to(i32),
@@ -162,8 +201,9 @@ def build_block_mask_info(mask: torch.Tensor, block: int, device: torch.device |
         task_fixed=tasks[0],
         task_other=tasks[1],
         task_ids=tasks[2],
-        by_row=by_row,
-        group=group,
+        block=block,
+        by_row=_by_row(n_rows, n_cols),
+        group=_group(block),
     )
     return info.to(device)
 
@@ -561,7 +601,7 @@ def scatter_blocks(compact: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtyp
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Autograd op and module
+# Autograd: eager calls through an autograd.Function, compiled models through torch.library custom ops
 
 
 class _Ops(NamedTuple):
@@ -582,7 +622,7 @@ def _dx_packed(dy, packed, info):
 
 
 def _cast_ref(weight, info, dtype):
-    return weight.to(dtype)
+    return weight.to(dtype, copy=True)  # a copy even in weight's dtype: a custom op's outputs may not alias inputs
 
 
 def _dw_ref_as(dy, x, info, dtype):
@@ -601,39 +641,119 @@ def _triton_can_run(*device_types: str) -> bool:
     return triton_available() and all(d == "cuda" for d in device_types)
 
 
-@functools.cache  # select() depends on nothing else; it costs a few µs a call, the cache a dict lookup
-def _impl_name(backend: str, x_device: str, w_device: str) -> str:
+def _choose_impl(backend: str, x_device: str, w_device: str) -> str:
     return select(IMPLS, backend, {"triton": lambda: _triton_can_run(x_device, w_device)})
 
 
-class _BlockSparseLinearFn(torch.autograd.Function):
-    """x is already in the compute dtype; weight and bias stay in theirs (the fp32 masters under autocast): the
-    weight is cast once per forward, blocks in use only, and its gradient is written in its own dtype, so
-    autograd adds no full-size casts around the op."""
+# select() depends on nothing else; it costs a few µs a call, the cache a dict lookup. (Eager calls only: dynamo
+# would trace through the cache wrapper, and warn that it does.)
+_impl_name = functools.cache(_choose_impl)
 
+
+# The steps both wrappers run. x is already in the compute dtype; weight and bias stay in theirs (the fp32 masters
+# under autocast): the weight is cast once per forward, blocks in use only, and its gradient is written in its own
+# dtype, so autograd adds no full-size casts around the op.
+
+
+def _forward(x, weight, bias, info: BlockMaskInfo, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, the weight operand the forward used, which dX reuses)."""
+    ops = IMPLS[impl]
+    w_op = ops.prepare(weight, info, x.dtype)
+    return ops.fwd(x, w_op, bias, info), w_op
+
+
+def _weight_grad(dy, x, info: BlockMaskInfo, impl: str, dtype: torch.dtype, dense_wgrad: bool) -> torch.Tensor:
+    return (dy.t() @ x).to(dtype) if dense_wgrad else IMPLS[impl].dw(dy, x, info, dtype)
+
+
+class _BlockSparseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, info, ops, dense_wgrad):
-        w_op = ops.prepare(weight, info, x.dtype)
+    def forward(ctx, x, weight, bias, info, impl, dense_wgrad):
+        y, w_op = _forward(x, weight, bias, info, impl)
         ctx.save_for_backward(x, w_op)
-        ctx.info, ctx.ops, ctx.dense_wgrad = info, ops, dense_wgrad
+        ctx.info, ctx.impl, ctx.dense_wgrad = info, impl, dense_wgrad
         ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
-        return ops.fwd(x, w_op, bias, info)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w_op = ctx.saved_tensors
-        info, ops = ctx.info, ctx.ops
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = ops.dx(dy, w_op, info)
+            dx = IMPLS[ctx.impl].dx(dy, w_op, ctx.info)
         if ctx.needs_input_grad[1]:
-            dw = (dy.t() @ x).to(ctx.w_dtype) if ctx.dense_wgrad else ops.dw(dy, x, info, ctx.w_dtype)
+            dw = _weight_grad(dy, x, ctx.info, ctx.impl, ctx.w_dtype, ctx.dense_wgrad)
         if ctx.needs_input_grad[2]:
             db = dy.sum(0).to(ctx.b_dtype)
         return dx, dw, db, None, None, None
 
 
-@torch.compiler.disable  # dynamo cannot trace the Python-side index object; a graph break keeps compiled models exact
+# The same steps as custom ops, so that torch.compile traces a block-sparse linear as opaque nodes (shapes from the
+# fakes) instead of breaking the graph: a break inside a transformer block makes dynamo run GPT.forward's loop over
+# blocks eagerly and split every block. The mask comes in as its index tensors (`BlockMaskInfo.tensors()`) and b, so
+# a mask update feeds new inputs to the same graph. Eager calls keep the autograd.Function: the custom ops' Python
+# dispatch (argument defaults, pytree, their generated autograd function) adds more host time per fwd+bwd than the
+# whole eager call spends otherwise, and eager calls are host-bound already.
+@torch.library.custom_op("sparse_pretrain::block_sparse_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: list[torch.Tensor], block: int,
+    impl: str, dense_wgrad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y, weight operand); dense_wgrad is for the backward (a custom op's autograd sees only its inputs)."""
+    return _forward(x, weight, bias, BlockMaskInfo.from_tensors(index, block), impl)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, index, block, impl, dense_wgrad):
+    w_op = x.new_empty((index[_BLK_ROWS].shape[0], block, block) if impl == "triton" else weight.shape)
+    return x.new_empty(x.shape[0], weight.shape[0]), w_op
+
+
+@torch.library.custom_op("sparse_pretrain::block_sparse_dx", mutates_args=())
+def _dx_op(dy: torch.Tensor, w_op: torch.Tensor, index: list[torch.Tensor], block: int, impl: str) -> torch.Tensor:
+    return IMPLS[impl].dx(dy, w_op, BlockMaskInfo.from_tensors(index, block))
+
+
+@_dx_op.register_fake
+def _(dy, w_op, index, block, impl):
+    return dy.new_empty(dy.shape[0], index[_MASK].shape[1] * block)
+
+
+@torch.library.custom_op("sparse_pretrain::block_sparse_dw", mutates_args=())
+def _dw_op(
+    dy: torch.Tensor, x: torch.Tensor, index: list[torch.Tensor], block: int, impl: str, dtype: torch.dtype,
+    dense_wgrad: bool,
+) -> torch.Tensor:  # fmt: skip
+    return _weight_grad(dy, x, BlockMaskInfo.from_tensors(index, block), impl, dtype, dense_wgrad)
+
+
+@_dw_op.register_fake
+def _(dy, x, index, block, impl, dtype, dense_wgrad):
+    return dy.new_empty(dy.shape[1], x.shape[1], dtype=dtype)
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, weight, bias, index, block, impl, dense_wgrad = inputs
+    ctx.save_for_backward(x, output[1], *index)
+    ctx.block, ctx.impl, ctx.dense_wgrad = block, impl, dense_wgrad
+    ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
+
+
+def _grad(ctx, dy, _d_w_op):
+    x, w_op, *index = ctx.saved_tensors
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _dx_op(dy, w_op, index, ctx.block, ctx.impl)
+    if ctx.needs_input_grad[1]:
+        dw = _dw_op(dy, x, index, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad)
+    if ctx.needs_input_grad[2]:
+        db = dy.sum(0).to(ctx.b_dtype)
+    return dx, dw, db, [None] * len(index), None, None, None  # one None per index tensor: the inputs' structure
+
+
+_fwd_op.register_autograd(_grad, setup_context=_setup)
+
+
 def block_sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -648,34 +768,37 @@ def block_sparse_linear(
     (MST topology-update steps). Under autocast the math sees what F.linear's would: x, W and bias rounded to the
     autocast dtype (W's nonzero blocks only, inside the op) with fp32 accumulation; y is in the autocast dtype and
     the weight/bias grads in the parameters' own dtypes. Without autocast x and weight must share a dtype.
+    torch.compile traces it with no graph break (custom ops, the mask's index tensors as their inputs).
     """
     info = block_mask_info
     if weight.shape != info.shape:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match the block mask's {info.shape}")
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
+        # The op's own matmuls then see operands already in the autocast dtype: autocast has nothing left to cast.
         x = x.to(torch.get_autocast_dtype(dev))
     elif x.dtype != weight.dtype:
         raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
-    name = _impl_name(backend, dev, weight.device.type)
     if info.device != weight.device:
         info = info.to(weight.device)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if name == "triton":  # launches and allocations only, nothing autocast would cast: no ~5 µs context
-        y = _BlockSparseLinearFn.apply(x2, weight, bias, info, IMPLS[name], dense_wgrad)
+    if torch.compiler.is_compiling():
+        name = _choose_impl(backend, dev, weight.device.type)
+        y = _fwd_op(x2, weight, bias, info.tensors(), info.block, name, dense_wgrad)[0]
     else:
-        with torch.autocast(dev, enabled=False):
-            y = _BlockSparseLinearFn.apply(x2, weight, bias, info, IMPLS[name], dense_wgrad)
+        name = _impl_name(backend, dev, weight.device.type)
+        y = _BlockSparseLinearFn.apply(x2, weight, bias, info, name, dense_wgrad)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class BlockSparseLinear(nn.Linear):
     """nn.Linear whose weight is used only on the nonzero blocks of a block mask (state_dict keys unchanged).
 
-    The mask is a plain attribute (the sparsity method checkpoints it); the index lists are rebuilt lazily on
-    the weight's device after `set_block_mask`. `dense_wgrad = True` makes the next backwards return the dense dW.
+    The mask is a plain attribute (the sparsity method checkpoints it); `set_block_mask` builds its index lists on
+    the weight's device (a forward rebuilds them if the module has moved since: under torch.compile that would be a
+    graph break, so set masks after moving). `dense_wgrad = True` makes the next backwards return the dense dW.
     """
 
     def __init__(
@@ -712,7 +835,7 @@ class BlockSparseLinear(nn.Linear):
         if tuple(mask.shape) != shape:
             raise ValueError(f"block mask must have shape {shape}, got {tuple(mask.shape)}")
         self.block_mask = mask.detach().to("cpu", torch.bool)
-        self._info = None
+        self._info = build_block_mask_info(self.block_mask, self.block, self.weight.device)
 
     def block_mask_info(self) -> BlockMaskInfo:
         if self._info is None or self._info.device != self.weight.device:

@@ -13,8 +13,11 @@ One engine, `DST`, does everything; the three registered methods differ only in 
 Every nn.Linear weight is sparse (per block c_attn, attn.c_proj, c_fc, mlp.c_proj, plus lm_head, tied to wte, §1);
 wpe and the LayerNorms stay dense. Masks live in the method (never in the model's state_dict): a 0/1 tensor in the
 weight's dtype and device per layer, rebuilt only at topology updates, so a normal step costs one fused multiply of
-the gradients (after backward) and one of the weights (after the optimizer step). On GPU the layers still run as
-dense GEMMs; the savings are counted in FLOPs (§7), not yet in time.
+the gradients (after backward) and one of the weights (after the optimizer step). With granularity 'element' the
+layers still run as dense GEMMs (the savings are counted in FLOPs, §7, not in time); with 'block' they run
+kernels/block_sparse.py's kernels, which skip the empty blocks, eagerly or inside one compiled graph: a topology
+update swaps the layers' index tensors without a recompile, and update steps (dense weight gradients) compile once
+into a second graph.
 """
 
 from __future__ import annotations
@@ -486,8 +489,10 @@ class DST(Method):
             self._set_attention(on)
         if self.cfg.granularity == "block":
             update = self.schedule.is_update(step)
+            # The dense gradient scores the update; not paid on other steps. A compiled model guards on the flag:
+            # update steps run a graph of their own, compiled at the first one.
             for module in self.modules.values():
-                module.dense_wgrad = update  # the dense gradient scores the update; not paid on other steps
+                module.dense_wgrad = update
 
     def _set_attention(self, on: bool) -> None:
         if on:

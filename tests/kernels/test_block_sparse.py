@@ -196,9 +196,11 @@ def test_named_triton_backend_raises_when_it_cannot_run():
 
 
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
-def test_fwd_bwd_launches(monkeypatch, w_dtype):
+@pytest.mark.parametrize("wrapper", ["eager", "custom_op"])
+def test_fwd_bwd_launches(monkeypatch, w_dtype, wrapper):
     """The host work of one fwd+bwd is these launches, nothing per block or per layer: W packed once (the forward
-    and dX share it), one kernel per GEMM, and for a 16-bit dW reduced over split token chunks its cast pass."""
+    and dX share it), one kernel per GEMM, and for a 16-bit dW reduced over split token chunks its cast pass. The
+    custom ops that compiled models call launch the same kernels as the eager autograd function."""
     launches = []
 
     class Stub:
@@ -214,11 +216,71 @@ def test_fwd_bwd_launches(monkeypatch, w_dtype):
     x = torch.randn(4096, 64, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(32, 64, dtype=w_dtype, requires_grad=True)
     assert bs.dw_splits(4096, info.task_fixed.numel(), x.device) > 1  # the split-K path (4 "SMs" on a CPU)
-    y = bs._BlockSparseLinearFn.apply(x, w, None, info, bs.IMPLS["triton"], False)
+    if wrapper == "eager":
+        y = bs._BlockSparseLinearFn.apply(x, w, None, info, "triton", False)
+    else:
+        y = bs._fwd_op(x, w, None, info.tensors(), info.block, "triton", False)[0]
     y.backward(torch.randn_like(y))
     scatter = ["_scatter_kernel"] if w_dtype != torch.float32 else []
     assert launches == ["_pack_kernel", "_bsr_mm_kernel", "_bsr_mm_kernel", "_sddmm_kernel", *scatter]
     assert w.grad.dtype == w_dtype
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library's own checks of the three ops (reference impl): schema, the autograd registration, and fakes
+    against real outputs (shapes, dtypes, strides). Tracing them under AOT autograd is the compile tests' part."""
+    torch.manual_seed(0)
+    info = build_block_mask_info(_random_mask(3, 2, 0.5), 32)
+    x, w, b = (torch.randn(*shape, requires_grad=True) for shape in [(10, 64), (96, 64), (96,)])
+    dy = torch.randn(10, 96)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for op, args in [
+        (bs._fwd_op, (x, w, b, info.tensors(), 32, "ref", False)),
+        (bs._dx_op, (dy, w.detach(), info.tensors(), 32, "ref")),
+        (bs._dw_op, (dy, x.detach(), info.tensors(), 32, "ref", torch.float64, False)),
+    ]:
+        torch.library.opcheck(op, args, test_utils=checks)
+
+
+def _counted_compile(module: nn.Module, backend: str = "aot_eager"):
+    """module compiled with fullgraph=True (any graph break raises) and a counter of the graphs dynamo compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    return torch.compile(module, backend=counter, fullgraph=True), counter
+
+
+def _fwd_bwd(fn, x, leaves, dy) -> list[torch.Tensor]:
+    for t in leaves:
+        t.grad = None
+    y = fn(x)
+    y.backward(dy)
+    return [y.detach(), *(t.grad for t in leaves)]
+
+
+def test_compiled_module_is_one_graph_that_mask_updates_do_not_recompile():
+    """fullgraph compile of the module (reference backend, fp32): output and x/W/bias grads equal eager's, and new
+    masks (other block counts, other dW task counts, a single block) run the same graph; dense_wgrad is a second."""
+    torch.manual_seed(0)
+    mod = BlockSparseLinear(64, 192, block=32, backend="ref")
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    dy = torch.randn(2, 5, 192)
+    leaves = [x, mod.weight, mod.bias]
+    compiled, counter = _counted_compile(mod)
+    single = torch.zeros(6, 2, dtype=torch.bool)
+    single[3, 1] = True
+    masks = [_random_mask(6, 2, 0.5), torch.ones(6, 2, dtype=torch.bool), _random_mask(6, 2, 0.2), single]
+    for mask in masks:
+        mod.set_block_mask(mask)
+        for got, want in zip(_fwd_bwd(compiled, x, leaves, dy), _fwd_bwd(mod, x, leaves, dy), strict=True):
+            torch.testing.assert_close(got, want)
+        assert (mod.weight.grad[expand_block_mask(mask, 32) == 0] == 0).all()
+    assert counter.frame_count == 1
+    mod.dense_wgrad = True
+    got = _fwd_bwd(compiled, x, leaves, dy)
+    torch.testing.assert_close(got[2], dy.reshape(-1, 192).t() @ x.detach().reshape(-1, 64))
+    assert counter.frame_count == 2
 
 
 # The Triton kernels in the interpreter. It must be switched on before triton is imported, so this runs in a child
@@ -228,7 +290,7 @@ def test_fwd_bwd_launches(monkeypatch, w_dtype):
 # interpreter calls int() on 1-element arrays for runtime loop bounds, which numpy >= 2.3 rejects: the shim reads
 # the element instead. Cases: M not a multiple of the 16-row interpreter tile (wrapped rows), dW split-K into the
 # full fp32 dW (atomics), into the compact buffer + cast pass (fp64/bf16 results; tasks by column and by row),
-# and unsplit (direct stores).
+# and unsplit (direct stores); then the kernels inside a compiled GPT.
 _INTERPRETER_CHECK = textwrap.dedent(
     """
     import tests.triton_interp  # noqa: F401  (interpreter on, numpy shim)
@@ -264,12 +326,41 @@ _INTERPRETER_CHECK = textwrap.dedent(
         dw16 = bs.dw_triton(dy, x, info, torch.bfloat16, splits=splits)
         assert dw16.dtype == torch.bfloat16
         torch.testing.assert_close(dw16, want_dw.to(torch.bfloat16))
+
+    # A GPT whose linears are block-sparse (MST's swap; `auto` picks Triton here) compiled with fullgraph=True:
+    # one graph, the same loss and grads as eager, and new masks run it without a recompile.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from model.gpt import GPT, GPTConfig
+    from sparsity.mst import MST, MSTConfig
+
+    mc = GPTConfig(n_layer=1, n_head=2, n_embd=64, vocab_size=64, block_size=16)
+    mst = MSTConfig(granularity="block", block_size=32, sparsity=0.5, warmup_frac=0, restore_frac=0, hsa_end=0)
+    model = MST(mst, mc, 1000).attach(GPT(mc))
+    assert bs._impl_name("auto", "cpu", "cpu") == "triton"
+    idx = torch.randint(0, 64, (2, 16))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for update in range(2):
+        if update:
+            for m in model.modules():
+                if isinstance(m, bs.BlockSparseLinear):
+                    m.set_block_mask(torch.rand(m.block_mask.shape) < 0.7)
+        results = []
+        for fn in (model, compiled):
+            model.zero_grad(set_to_none=True)
+            loss = fn(idx, idx)[1]
+            loss.backward()
+            results.append([loss.detach(), *(p.grad.clone() for p in model.parameters())])
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1
     print("ok")
     """
 )
 
 
-@pytest.mark.slow  # ~8 s on 2 CPU cores
+@pytest.mark.slow  # ~15 s on 2 CPU cores
 def test_triton_kernels_match_reference_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run(
@@ -516,3 +607,34 @@ def test_module_fwd_bwd_replays_from_a_cuda_graph():
         eager = [call(), *(t.grad for t in leaves)]
         for got, want in zip(static, eager, strict=True):
             assert _rel_err(got, want) < 1e-4  # the dW atomics may add in another order
+
+
+@pytest.mark.gpu
+def test_compiled_module_matches_eager_cuda():
+    """The trainer's case under inductor: fp32 masters and bias under bf16 autocast, Triton kernels inside the custom
+    ops, fullgraph (a break raises). Every mask (other block and dW task counts) runs the one compiled graph and
+    matches the eager call up to the order of dW's split-K atomics."""
+    torch.manual_seed(6)
+    mod = BlockSparseLinear(256, 512, block=64).cuda()
+    x = torch.randn(4, 1024, 256, device="cuda", requires_grad=True)
+    dy = torch.randn(4, 1024, 512, device="cuda", dtype=torch.bfloat16)
+    leaves = [x, mod.weight, mod.bias]
+    compiled, counter = _counted_compile(mod, "inductor")
+
+    def amp(fn):
+        def call(inp):
+            with torch.autocast("cuda", torch.bfloat16):
+                return fn(inp)
+
+        return call
+
+    for density in (0.5, 0.2, 1.0, 0.05):
+        mask = torch.rand(8, 4) < density
+        mask[0, 0] = True
+        mod.set_block_mask(mask)
+        got, want = _fwd_bwd(amp(compiled), x, leaves, dy), _fwd_bwd(amp(mod), x, leaves, dy)
+        assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+        for g, w in zip(got, want, strict=True):
+            assert _rel_err(g, w) < 1e-4
+        assert (got[2][expand_block_mask(mask.cuda(), 64) == 0] == 0).all()
+    assert counter.frame_count == 1

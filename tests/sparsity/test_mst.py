@@ -465,6 +465,41 @@ def test_block_granularity():
     assert method.n_on == method._counts(0.5)
 
 
+@pytest.mark.slow  # two compiles, ~8 s on 2 CPU cores
+def test_block_granularity_compiles_to_one_graph():
+    """MST on block-sparse linears (reference kernels, fp32) compiled with fullgraph=True (a graph break raises):
+    the same losses and grads as eager through the warm-up's mask updates, whose block counts fall to one block in
+    some layers; one graph for ordinary steps and one for update steps (dense weight gradients), and later updates
+    (new index tensors, new lengths) recompile neither. HSA is on, as early in an MST run."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    cfg = MSTConfig(granularity="block", block_size=32, delta_t=2, warmup_frac=0.5, restore_frac=0.0, hsa_stride=4)
+    runs = [build(MST, cfg, 10), build(MST, cfg, 10)]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    calls = [runs[0][0], torch.compile(runs[1][0], backend=counter, fullgraph=True)]
+    n_on = set()
+    for step in range(6):
+        results = []
+        for (model, method, opt), call in zip(runs, calls, strict=True):
+            method.on_step_start(step)
+            x = batch(step, 0)
+            loss = call(x, x)[1]
+            loss.backward()
+            results.append([loss.detach(), *(p.grad.clone() for p in model.parameters())])
+            method.after_backward(step)
+            if method.before_optimizer_step(step, opt):
+                opt.step()
+            method.after_optimizer_step(step, opt)
+            opt.zero_grad(set_to_none=True)
+        for got, want in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, want)
+        assert all(torch.equal(runs[1][1].unit_masks[k], m) for k, m in runs[0][1].unit_masks.items())
+        n_on.add(tuple(runs[1][1].n_on.values()))
+    assert len(n_on) >= 3 and min(min(c) for c in n_on) == 1  # the counts did change, down to a single block
+    assert runs[1][1]._hsa_on and counter.frame_count == 2
+
+
 # --------------------------------------------------------------------------------------------------------------
 # §9.8 DDP: identical masks on every rank
 
@@ -528,3 +563,37 @@ def test_cuda_bf16_run_keeps_invariants():
             assert (w.detach()[m == 0] == 0).all()
         if method.schedule.is_update(step):
             assert method.n_on == method._counts(method.schedule.target(step))
+
+
+@pytest.mark.gpu
+def test_block_granularity_compiled_cuda():
+    """The trainer's compiled MST-block step on CUDA: Triton block-sparse and HSA kernels as custom ops inside one
+    inductor graph (fullgraph), bf16 autocast. Losses track the eager run's through the warm-up's mask updates (the
+    masks may part ways on near-tied growth scores, so to a tolerance), and the updates compile nothing beyond the
+    graphs of ordinary and update steps."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    mc = GPTConfig(preset="tiny", vocab_size=128, block_size=64)
+    cfg = MSTConfig(granularity="block", block_size=32, delta_t=2, warmup_frac=0.5, restore_frac=0.0, hsa_stride=16)
+
+    def make():
+        torch.manual_seed(0)
+        model = GPT(mc).cuda()
+        method = MST(cfg, mc, 10, 0)
+        model = method.attach(model)
+        return model, method, model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cuda")
+
+    runs = [make(), make()]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    calls = [runs[0][0], torch.compile(runs[1][0], backend=counter, fullgraph=True)]
+    for step in range(8):
+        x = batch(step, 0, mc).cuda()
+        losses = []
+        for (_model, method, opt), call in zip(runs, calls, strict=True):
+            amp = torch.autocast("cuda", dtype=torch.bfloat16)
+            losses += method_step(call, method, opt, step, [(x, x)], autocast=amp)[0]
+            for w, m in zip(method.weights, method.masks, strict=True):
+                assert (w.detach()[m == 0] == 0).all()
+        assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert runs[1][1]._hsa_on and counter.frame_count == 2
