@@ -105,10 +105,11 @@ def _search_kernel(w_ptr, idx_ptr, R, C, stride_w, GR: tl.constexpr, GC: tl.cons
     tl.store(idx_ptr + br[:, None] * (C // 4) + bc[None, :], best_idx.to(tl.uint8), mask=out)
 
 
-# (GR, GC, num_warps): a 16 x 128 tile, one block per thread. Each thread issues its four 16 B row loads up front
-# and fits in 32 registers (Triton 3.6, sm_90), so an SM holds 2048 threads and 128 KB of loads in flight; two
-# blocks per thread, (8, 32, 4), takes 56. `python -m kernels.semi24_triton` times the alternatives.
-SEARCH_TILE = (4, 32, 4)
+# (GR, GC, num_warps): two blocks per thread (56 registers, Triton 3.6, sm_90), each thread's 16 B row loads issued
+# up front. Measured on an H100 (results/raw/h100-search.json, `python -m kernels.semi24_triton`): 64 µs at
+# 36864x768 and 70 µs at 9216x3072, against 68 / 75 µs for one block per thread (4, 32, 4) and 1.75 ms for the
+# previous score-tile kernel.
+SEARCH_TILE = (8, 32, 4)
 
 
 def transposable_search(w: torch.Tensor, patterns: torch.Tensor | None = None,
@@ -234,7 +235,7 @@ def _bench_search(out: str | None) -> None:
     for shape in [(12 * 3072, 768), (12 * 768, 3072)]:
         w = torch.randn(shape, device="cuda")
         want = transposable_search(w)
-        for tile in [SEARCH_TILE, (8, 32, 4), (8, 32, 8), (4, 64, 8)]:
+        for tile in [SEARCH_TILE, (4, 32, 4), (8, 32, 8), (4, 64, 8)]:
             same = torch.equal(transposable_search(w, tile=tile), want)
             ms = time_ms(functools.partial(transposable_search, w, tile=tile), warmup=10, reps=100, sync_each=False)
             row = {"shape": list(shape), "tile": list(tile), "us": 1e3 * ms, "same": same,
