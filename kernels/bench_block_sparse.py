@@ -3,6 +3,7 @@
     python -m kernels.bench_block_sparse --out results.json [--blocks 64,128] [--tokens 16384] [--modes eager,graph]
     python -m kernels.bench_block_sparse --quick --modes eager,compiled,graph --out results.json
     python -m kernels.bench_block_sparse --quick --out results.json   # 1024x4096 + 4096x1024, b=128, 0/75/90%
+    python -m kernels.bench_block_sparse --host-cost --out host.json  # any machine: host cost, launches stubbed
 
 Each variant runs a warm-up (which also runs Triton's autotuning), then `reps` calls back to back with a CUDA
 event pair around each; the median is reported. The host does not wait between calls, so its launch work
@@ -22,17 +23,22 @@ Speedups are against dense of the same mode. The graph rows run last (a failed c
 unusable; the inputs come from CPU generators, identical in every mode). Before timing, the
 Triton GEMMs are checked against the fp32 reference on the same bf16 inputs, and every fwd+bwd row checks the
 x and W grads of its last timed call (max |err| / max |ref|). A failing variant records its error and the run goes
-on. Issue 8 targets, per linear fwd+bwd at 1024x4096: >= 2.5x over dense at 75% block sparsity, >= 5x at 90%.
+on. `--host-cost` measures instead, on the CPU, the host work of a compiled stack of block-sparse linears with the
+Triton launches stubbed out (`host_cost`). Issue 8 targets, per linear fwd+bwd at 1024x4096: >= 2.5x over dense
+at 75% block sparsity, >= 5x at 90%.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import sys
 import time
 import traceback
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +226,84 @@ def bench_shape(
     return rows
 
 
+class _StubKernel:
+    """Stands in for a Triton kernel: counts launches instead of running them."""
+
+    def __init__(self, launches: list[str], name: str) -> None:
+        self.launches, self.name = launches, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self.name)
+
+
+def host_cost(
+    n_layers: int = 16, compile_backend: str = "aot_eager", reps: int = 20, width: int = 256, tokens: int = 64
+) -> dict[str, float]:
+    """Host time and function calls per block-sparse linear fwd+bwd in a compiled chain of `n_layers` linears
+    (width×width, b=64, half the blocks on, bias, fp32), on the CPU with the Triton launches stubbed out: the
+    `triton` backend's host path (graph guards, op dispatch, index lists, dW split count, allocations) without the
+    launches themselves. The masks are changed once after the warm-up (a compiled step then runs new index tensors).
+    Returns µs per layer (the best of 5 rounds of `reps` steps), Python and C calls per layer (one profiled step),
+    launches per layer and the number of graphs dynamo compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    launches: list[str] = []
+    with contextlib.ExitStack() as stack:
+        for name in ("_pack_kernel", "_bsr_mm_kernel", "_sddmm_kernel", "_scatter_kernel"):
+            stack.enter_context(mock.patch.object(bs, name, _StubKernel(launches, name)))
+        stack.enter_context(mock.patch.object(bs, "_triton_can_run", lambda *devices: True))
+        gen = torch.Generator().manual_seed(0)
+        layers = torch.nn.Sequential(
+            *[bs.BlockSparseLinear(width, width, block=64, backend="triton") for _ in range(n_layers)]
+        )
+        n_blocks = width // 64
+
+        def new_masks() -> None:
+            for layer in layers:
+                layer.set_block_mask(random_block_mask(n_blocks, n_blocks, 0.5, gen))
+
+        x = torch.randn(tokens, width, generator=gen, requires_grad=True)
+        dy = torch.randn(tokens, width, generator=gen)
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend(compile_backend)
+        compiled = torch.compile(layers, backend=counter, fullgraph=True)
+
+        def step() -> None:
+            compiled(x).backward(dy)
+
+        new_masks()
+        for _ in range(3):
+            step()
+        new_masks()
+        for _ in range(3):
+            step()
+        rounds = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(reps):
+                step()
+            rounds.append((time.perf_counter() - t) / reps)
+        calls = {"call": 0, "c_call": 0}
+
+        def count(frame, event, arg) -> None:
+            if event in calls:
+                calls[event] += 1
+
+        launches.clear()
+        sys.setprofile(count)
+        try:
+            step()
+        finally:
+            sys.setprofile(None)
+    return {
+        "host_us_per_layer": 1e6 * min(rounds) / n_layers,
+        "python_calls_per_layer": calls["call"] / n_layers,
+        "c_calls_per_layer": calls["c_call"] / n_layers,
+        "launches_per_layer": len(launches) / n_layers,
+        "graphs": counter.frame_count,
+    }
+
+
 def print_table(rows: list[dict]) -> None:
     head = (f"{'shape':>10} {'variant':>24} {'mode':>8} {'blk':>4} {'sp':>5} {'ms':>8} {'host':>8} {'dense':>8} "
             f"{'x':>6} {'TF/s':>6} {'err':>8}")  # fmt: skip
@@ -269,7 +353,17 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated fwd+bwd timing modes {MODES}")
     ap.add_argument("--sync-each", action="store_true", help="wait for the GPU after every call (v1's timing)")
     ap.add_argument("--quick", action="store_true", help="1024x4096,4096x1024, b=128, sparsity 0,0.75,0.9 (< 1 min)")
+    ap.add_argument("--host-cost", action="store_true", help="only host_cost(), on the CPU (aot_eager and inductor)")
     args = ap.parse_args()
+    if args.host_cost:
+        result = {
+            "torch": torch.__version__,
+            "host_cost": {b: host_cost(compile_backend=b) for b in ("aot_eager", "inductor")},
+        }
+        print(json.dumps(result, indent=1))
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     if args.quick:
         args.shapes, args.blocks, args.sparsities = "1024x4096,4096x1024", "128", "0,0.75,0.9"
     modes = args.modes.split(",")

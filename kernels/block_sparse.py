@@ -688,70 +688,90 @@ class _BlockSparseLinearFn(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-# The same steps as custom ops, so that torch.compile traces a block-sparse linear as opaque nodes (shapes from the
-# fakes) instead of breaking the graph: a break inside a transformer block makes dynamo run GPT.forward's loop over
-# blocks eagerly and split every block. The mask comes in as its index tensors (`BlockMaskInfo.tensors()`) and b, so
-# a mask update feeds new inputs to the same graph. Eager calls keep the autograd.Function: the custom ops' Python
-# dispatch (argument defaults, pytree, their generated autograd function) adds more host time per fwd+bwd than the
-# whole eager call spends otherwise, and eager calls are host-bound already.
-@torch.library.custom_op("sparse_pretrain::block_sparse_fwd", mutates_args=())
-def _fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: list[torch.Tensor], block: int,
-    impl: str, dense_wgrad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(y, weight operand); dense_wgrad is for the backward (a custom op's autograd sees only its inputs)."""
+# The same steps as torch.library ops, so that torch.compile traces a block-sparse linear as opaque nodes (shapes
+# from the fakes) instead of breaking the graph: a break inside a transformer block makes dynamo run GPT.forward's
+# loop over blocks eagerly and split every block. The mask comes in as its index tensors and b, so a mask update
+# feeds new inputs to the same graph. The ops have no autograd of their own: an autograd.Function that dynamo traces
+# (`_BlockSparseLinearOps`) ties them together, so a compiled step calls each op's kernel straight from the
+# dispatcher. (torch.library.custom_op with register_autograd puts Python in front of every call of a compiled
+# graph: its autograd kernel, a redispatch, dynamo-disable wrappers and output-alias checks.) Eager calls keep
+# `_BlockSparseLinearFn`: dispatching even these ops adds more host time than an eager call spends otherwise, and
+# eager calls are host-bound already.
+_LIB = torch.library.Library("sparse_pretrain", "FRAGMENT")  # the ops live as long as this object
+
+
+def _define(schema: str, impl, fake):
+    name = schema.split("(")[0]
+    _LIB.define(schema)
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(name, impl, key)
+    torch.library.register_fake(f"sparse_pretrain::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.sparse_pretrain, name).default
+
+
+def _fwd_impl(x, weight, bias, index, block, impl):
+    """(y, the weight operand dX reuses)."""
     return _forward(x, weight, bias, BlockMaskInfo.from_tensors(index, block), impl)
 
 
-@_fwd_op.register_fake
-def _(x, weight, bias, index, block, impl, dense_wgrad):
+def _fwd_fake(x, weight, bias, index, block, impl):
     w_op = x.new_empty((index[_BLK_ROWS].shape[0], block, block) if impl == "triton" else weight.shape)
     return x.new_empty(x.shape[0], weight.shape[0]), w_op
 
 
-@torch.library.custom_op("sparse_pretrain::block_sparse_dx", mutates_args=())
-def _dx_op(dy: torch.Tensor, w_op: torch.Tensor, index: list[torch.Tensor], block: int, impl: str) -> torch.Tensor:
+def _dx_impl(dy, w_op, index, block, impl):
     return IMPLS[impl].dx(dy, w_op, BlockMaskInfo.from_tensors(index, block))
 
 
-@_dx_op.register_fake
-def _(dy, w_op, index, block, impl):
+def _dx_fake(dy, w_op, index, block, impl):
     return dy.new_empty(dy.shape[0], index[_MASK].shape[1] * block)
 
 
-@torch.library.custom_op("sparse_pretrain::block_sparse_dw", mutates_args=())
-def _dw_op(
-    dy: torch.Tensor, x: torch.Tensor, index: list[torch.Tensor], block: int, impl: str, dtype: torch.dtype,
-    dense_wgrad: bool,
-) -> torch.Tensor:  # fmt: skip
+def _dw_impl(dy, x, index, block, impl, dtype, dense_wgrad):
     return _weight_grad(dy, x, BlockMaskInfo.from_tensors(index, block), impl, dtype, dense_wgrad)
 
 
-@_dw_op.register_fake
-def _(dy, x, index, block, impl, dtype, dense_wgrad):
+def _dw_fake(dy, x, index, block, impl, dtype, dense_wgrad):
     return dy.new_empty(dy.shape[1], x.shape[1], dtype=dtype)
 
 
-def _setup(ctx, inputs, output) -> None:
-    x, weight, bias, index, block, impl, dense_wgrad = inputs
-    ctx.save_for_backward(x, output[1], *index)
-    ctx.block, ctx.impl, ctx.dense_wgrad = block, impl, dense_wgrad
-    ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
+_fwd_op = _define(
+    "block_sparse_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor[] index, int block, str impl) -> (Tensor, Tensor)",
+    _fwd_impl, _fwd_fake,
+)  # fmt: skip
+_dx_op = _define(
+    "block_sparse_dx(Tensor dy, Tensor w_op, Tensor[] index, int block, str impl) -> Tensor", _dx_impl, _dx_fake
+)
+_dw_op = _define(
+    "block_sparse_dw(Tensor dy, Tensor x, Tensor[] index, int block, str impl, ScalarType dtype, bool dense_wgrad)"
+    " -> Tensor",
+    _dw_impl, _dw_fake,
+)  # fmt: skip
 
 
-def _grad(ctx, dy, _d_w_op):
-    x, w_op, *index = ctx.saved_tensors
-    dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = _dx_op(dy, w_op, index, ctx.block, ctx.impl)
-    if ctx.needs_input_grad[1]:
-        dw = _dw_op(dy, x, index, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad)
-    if ctx.needs_input_grad[2]:
-        db = dy.sum(0).to(ctx.b_dtype)
-    return dx, dw, db, [None] * len(index), None, None, None  # one None per index tensor: the inputs' structure
+class _BlockSparseLinearOps(torch.autograd.Function):
+    """`_BlockSparseLinearFn` with the steps as ops, for dynamo to trace; the index tensors come last, one argument
+    each."""
 
+    @staticmethod
+    def forward(ctx, x, weight, bias, block, impl, dense_wgrad, *index):
+        y, w_op = _fwd_op(x, weight, bias, list(index), block, impl)
+        ctx.save_for_backward(x, w_op, *index)
+        ctx.block, ctx.impl, ctx.dense_wgrad = block, impl, dense_wgrad
+        ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
+        return y
 
-_fwd_op.register_autograd(_grad, setup_context=_setup)
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_op, *index = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _dx_op(dy, w_op, index, ctx.block, ctx.impl)
+        if ctx.needs_input_grad[1]:
+            dw = _dw_op(dy, x, index, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad)
+        if ctx.needs_input_grad[2]:
+            db = dy.sum(0).to(ctx.b_dtype)
+        return dx, dw, db, None, None, None, *[None] * len(index)
 
 
 def block_sparse_linear(
@@ -786,7 +806,7 @@ def block_sparse_linear(
         x2 = x2.contiguous()
     if torch.compiler.is_compiling():
         name = _choose_impl(backend, dev, weight.device.type)
-        y = _fwd_op(x2, weight, bias, info.tensors(), info.block, name, dense_wgrad)[0]
+        y = _BlockSparseLinearOps.apply(x2, weight, bias, info.block, name, dense_wgrad, *info.tensors())
     else:
         name = _impl_name(backend, dev, weight.device.type)
         y = _BlockSparseLinearFn.apply(x2, weight, bias, info, name, dense_wgrad)
