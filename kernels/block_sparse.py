@@ -63,62 +63,130 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 class BlockMaskInfo:
     """A block mask and the int32 index lists the kernels walk. Build with `build_block_mask_info`.
 
-    The tensors (`tensors()`, in field order) and `block` determine the rest, so the custom ops take a mask as a
-    list of tensors and an int (`from_tensors`). The lists whose length is the block count (nnz) or the dW task count
-    are marked for torch.compile as sizes known only at run time (`_mark_unbacked_lists`).
+    The lists live in three tensors (`tensors()`), grouped by what sizes them, and are read as views of those
+    (`row_ptr`, ... below, made on first use). Each tensor is an input of every custom op and of a compiled graph,
+    where each one costs host time per call (guards, size and stride asserts, dispatch), so a mask is three tensors,
+    its grid (R, C) and b (`from_tensors`). `lists` and `tasks`, whose lengths follow nnz and the dW task count, are
+    marked for torch.compile as sizes known only at run time (`_mark_unbacked_lists`).
     """
 
-    mask: torch.Tensor  # (R, C) bool, R = out/b, C = in/b
-    row_ptr: torch.Tensor  # (R+1,) forward CSR: row j's nonzero column blocks are row_cols[row_ptr[j]:row_ptr[j+1]]
-    row_cols: torch.Tensor  # (nnz,)
-    row_order: torch.Tensor  # (R,) rows by nonzero count, descending (launch order)
-    col_ptr: torch.Tensor  # (C+1,) dX CSC: column k's nonzero row blocks are col_rows[col_ptr[k]:col_ptr[k+1]]
-    col_rows: torch.Tensor  # (nnz,)
-    col_ids: torch.Tensor  # (nnz,) compact index of each CSC entry (where dX finds the block in the packed W)
-    col_order: torch.Tensor  # (C,)
-    blk_rows: torch.Tensor  # (nnz,) the nonzero blocks in row-major order; position = compact dW index
-    blk_cols: torch.Tensor  # (nnz,)
-    block_id: torch.Tensor  # (R, C) compact index of each block, -1 where empty
-    task_fixed: torch.Tensor  # (T,) dW tasks: the row (or column) block the G grouped blocks share
-    task_other: torch.Tensor  # (T, G) their column (or row) blocks; padding repeats slot 0
-    task_ids: torch.Tensor  # (T, G) their compact indices, -1 for padding
+    index: torch.Tensor  # (2R + 2C + 2 + R·C,): row_ptr | row_order | col_ptr | col_order | block_id, sized by (R, C)
+    lists: torch.Tensor  # (5, nnz): row_cols | col_rows | col_ids | blk_rows | blk_cols
+    tasks: torch.Tensor  # (T·(2G+1),): task_fixed (T) | task_other (T, G) | task_ids (T, G)
+    grid: tuple[int, int]  # (R, C) = (out/b, in/b)
     block: int
-    by_row: bool  # dW tasks group blocks of one row (else of one column)
-    group: int  # G
+
+    # index: forward CSR (row j's nonzero column blocks are row_cols[row_ptr[j]:row_ptr[j+1]]), rows by nonzero count
+    # descending (launch order); dX CSC (column k's nonzero row blocks are col_rows[col_ptr[k]:col_ptr[k+1]]), columns
+    # in launch order; the compact index of each block, -1 where empty.
+    @functools.cached_property
+    def row_ptr(self) -> torch.Tensor:
+        return self.index[: self.grid[0] + 1]
+
+    @functools.cached_property
+    def row_order(self) -> torch.Tensor:
+        r = self.grid[0]
+        return self.index[r + 1 : 2 * r + 1]
+
+    @functools.cached_property
+    def col_ptr(self) -> torch.Tensor:
+        r, c = self.grid
+        return self.index[2 * r + 1 : 2 * r + c + 2]
+
+    @functools.cached_property
+    def col_order(self) -> torch.Tensor:
+        r, c = self.grid
+        return self.index[2 * r + c + 2 : 2 * r + 2 * c + 2]
+
+    @functools.cached_property
+    def block_id(self) -> torch.Tensor:
+        r, c = self.grid
+        return self.index[2 * r + 2 * c + 2 :].view(r, c)
+
+    # lists, nnz long: each CSR entry's column block; each CSC entry's row block and compact index (where dX finds
+    # the block in the packed W); the nonzero blocks in row-major order (position = compact index).
+    @functools.cached_property
+    def row_cols(self) -> torch.Tensor:
+        return self.lists[0]
+
+    @functools.cached_property
+    def col_rows(self) -> torch.Tensor:
+        return self.lists[1]
+
+    @functools.cached_property
+    def col_ids(self) -> torch.Tensor:
+        return self.lists[2]
+
+    @functools.cached_property
+    def blk_rows(self) -> torch.Tensor:
+        return self.lists[3]
+
+    @functools.cached_property
+    def blk_cols(self) -> torch.Tensor:
+        return self.lists[4]
+
+    # tasks: the dW tasks: the row (or column) block the G grouped blocks share; their column (or row) blocks,
+    # padding repeating slot 0; their compact indices, -1 for padding.
+    @functools.cached_property
+    def task_fixed(self) -> torch.Tensor:
+        return self.tasks[: self.n_tasks]
+
+    @functools.cached_property
+    def task_other(self) -> torch.Tensor:
+        t, g = self.n_tasks, self.group
+        return self.tasks[t : t * (g + 1)].view(t, g)
+
+    @functools.cached_property
+    def task_ids(self) -> torch.Tensor:
+        t, g = self.n_tasks, self.group
+        return self.tasks[t * (g + 1) :].view(t, g)
+
+    @property
+    def n_tasks(self) -> int:
+        return self.tasks.shape[0] // (2 * self.group + 1)
+
+    @property
+    def by_row(self) -> bool:
+        """dW tasks group blocks of one row (else of one column)."""
+        return _by_row(*self.grid)
+
+    @property
+    def group(self) -> int:
+        """G, the blocks of one dW task."""
+        return _group(self.block)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(R, C) bool, on the lists' device."""
+        return self.block_id >= 0
 
     @property
     def nnz(self) -> int:
-        return self.blk_rows.numel()
+        return self.lists.shape[1]
 
     @property
     def shape(self) -> tuple[int, int]:
         """(out, in) of the weight this mask covers."""
-        return self.mask.shape[0] * self.block, self.mask.shape[1] * self.block
+        return self.grid[0] * self.block, self.grid[1] * self.block
 
     @property
     def device(self) -> torch.device:
-        return self.row_ptr.device
+        return self.index.device
 
     def density(self) -> float:
-        return self.nnz / self.mask.numel()
+        return self.nnz / (self.grid[0] * self.grid[1])
 
     def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in _TENSOR_FIELDS]
+        return [self.index, self.lists, self.tasks]
 
     @classmethod
-    def from_tensors(cls, tensors: list[torch.Tensor], block: int) -> BlockMaskInfo:
-        return cls(*tensors, block=block, by_row=_by_row(*tensors[_MASK].shape), group=_group(block))
+    def from_tensors(cls, tensors: list[torch.Tensor], grid: tuple[int, int], block: int) -> BlockMaskInfo:
+        return cls(*tensors, grid=tuple(grid), block=block)
 
     def to(self, device: torch.device | str) -> BlockMaskInfo:
-        info = BlockMaskInfo.from_tensors([t.to(device) for t in self.tensors()], self.block)
+        info = BlockMaskInfo.from_tensors([t.to(device) for t in self.tensors()], self.grid, self.block)
         _mark_unbacked_lists(info)
         return info
-
-
-_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(BlockMaskInfo) if f.name not in ("block", "by_row", "group"))
-_MASK, _BLK_ROWS = _TENSOR_FIELDS.index("mask"), _TENSOR_FIELDS.index("blk_rows")
-# dim 0 of these is nnz or the dW task count; every other tensor's shape follows from the weight's and b
-_LIST_FIELDS = ("row_cols", "col_rows", "col_ids", "blk_rows", "blk_cols", "task_fixed", "task_other", "task_ids")
 
 
 def _mark_unbacked_lists(info: BlockMaskInfo) -> None:
@@ -131,8 +199,8 @@ def _mark_unbacked_lists(info: BlockMaskInfo) -> None:
     them from the real tensors when they run."""
     from torch._dynamo.decorators import mark_unbacked  # here: importing dynamo costs ~1 s, once a process
 
-    for name in _LIST_FIELDS:
-        mark_unbacked(getattr(info, name), 0)
+    mark_unbacked(info.lists, 1)
+    mark_unbacked(info.tasks, 0)
 
 
 def _by_row(n_rows: int, n_cols: int) -> bool:
@@ -186,24 +254,20 @@ def build_block_mask_info(mask: torch.Tensor, block: int, device: torch.device |
     else:
         tasks = _grouped_tasks(col_counts, t_rows, block_id[t_rows, t_cols], _group(block))
     zero = torch.zeros(1, dtype=torch.long)
+    index = [
+        torch.cat([zero, row_counts.cumsum(0)]),  # row_ptr
+        torch.argsort(row_counts, descending=True, stable=True),  # row_order
+        torch.cat([zero, col_counts.cumsum(0)]),  # col_ptr
+        torch.argsort(col_counts, descending=True, stable=True),  # col_order
+        block_id.flatten(),
+    ]
+    lists = [blk_cols, t_rows, block_id[t_rows, t_cols], blk_rows, blk_cols]  # row_cols is blk_cols: same walk
     info = BlockMaskInfo(
-        mask=m,
-        row_ptr=torch.cat([zero, row_counts.cumsum(0)]).to(i32),
-        row_cols=blk_cols.to(i32),
-        row_order=torch.argsort(row_counts, descending=True, stable=True).to(i32),
-        col_ptr=torch.cat([zero, col_counts.cumsum(0)]).to(i32),
-        col_rows=t_rows.to(i32),
-        col_ids=block_id[t_rows, t_cols],
-        col_order=torch.argsort(col_counts, descending=True, stable=True).to(i32),
-        blk_rows=blk_rows.to(i32),
-        blk_cols=blk_cols.to(i32),
-        block_id=block_id,
-        task_fixed=tasks[0],
-        task_other=tasks[1],
-        task_ids=tasks[2],
+        index=torch.cat([t.to(i32) for t in index]),
+        lists=torch.stack([t.to(i32) for t in lists]),
+        tasks=torch.cat([tasks[0], tasks[1].flatten(), tasks[2].flatten()]),
+        grid=(n_rows, n_cols),
         block=block,
-        by_row=_by_row(n_rows, n_cols),
-        group=_group(block),
     )
     return info.to(device)
 
@@ -522,9 +586,9 @@ def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int
         return c + bias.to(a.dtype) if bias is not None else c
     c = torch.empty(m, n, device=a.device, dtype=a.dtype)
     if forward:
-        n_j, lists = info.mask.shape[0], (info.row_ptr, info.row_cols, info.row_cols, info.row_order)
+        n_j, lists = info.grid[0], (info.row_ptr, info.row_cols, info.row_cols, info.row_order)
     else:
-        n_j, lists = info.mask.shape[1], (info.col_ptr, info.col_rows, info.col_ids, info.col_order)
+        n_j, lists = info.grid[1], (info.col_ptr, info.col_rows, info.col_ids, info.col_order)
     grid = lambda meta: (_cdiv(m, meta["BM"]) * n_j,)
     _bsr_mm_kernel[grid](
         a, packed, c, bias if bias is not None else c, *lists,
@@ -570,7 +634,7 @@ def dw_triton(
     """
     b, m = info.block, dy.shape[0]
     dtype = dy.dtype if dtype is None else dtype
-    n_tasks = info.task_fixed.numel()
+    n_tasks = info.n_tasks
     if n_tasks == 0:
         return dy.new_zeros(info.shape, dtype=dtype)
     splits = dw_splits(m, n_tasks, dy.device) if splits is None else splits
@@ -591,7 +655,7 @@ def dw_triton(
 
 
 def scatter_blocks(compact: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype) -> torch.Tensor:
-    n_rows, n_cols = info.mask.shape
+    n_rows, n_cols = info.grid
     out = torch.empty(info.shape, device=compact.device, dtype=dtype)
     _scatter_kernel[(n_rows * n_cols,)](
         compact, info.block_id, out, n_cols, out.stride(0), out.stride(1), B=info.block,
@@ -709,55 +773,55 @@ def _define(schema: str, impl, fake):
     return getattr(torch.ops.sparse_pretrain, name).default
 
 
-def _fwd_impl(x, weight, bias, index, block, impl):
+def _fwd_impl(x, weight, bias, index, grid, block, impl):
     """(y, the weight operand dX reuses)."""
-    return _forward(x, weight, bias, BlockMaskInfo.from_tensors(index, block), impl)
+    return _forward(x, weight, bias, BlockMaskInfo.from_tensors(index, grid, block), impl)
 
 
-def _fwd_fake(x, weight, bias, index, block, impl):
-    w_op = x.new_empty((index[_BLK_ROWS].shape[0], block, block) if impl == "triton" else weight.shape)
+def _fwd_fake(x, weight, bias, index, grid, block, impl):
+    w_op = x.new_empty(
+        (BlockMaskInfo.from_tensors(index, grid, block).nnz, block, block) if impl == "triton" else weight.shape
+    )
     return x.new_empty(x.shape[0], weight.shape[0]), w_op
 
 
-def _dx_impl(dy, w_op, index, block, impl):
-    return IMPLS[impl].dx(dy, w_op, BlockMaskInfo.from_tensors(index, block))
+def _dx_impl(dy, w_op, index, grid, block, impl):
+    return IMPLS[impl].dx(dy, w_op, BlockMaskInfo.from_tensors(index, grid, block))
 
 
-def _dx_fake(dy, w_op, index, block, impl):
-    return dy.new_empty(dy.shape[0], index[_MASK].shape[1] * block)
+def _dx_fake(dy, w_op, index, grid, block, impl):
+    return dy.new_empty(dy.shape[0], grid[1] * block)
 
 
-def _dw_impl(dy, x, index, block, impl, dtype, dense_wgrad):
-    return _weight_grad(dy, x, BlockMaskInfo.from_tensors(index, block), impl, dtype, dense_wgrad)
+def _dw_impl(dy, x, index, grid, block, impl, dtype, dense_wgrad):
+    return _weight_grad(dy, x, BlockMaskInfo.from_tensors(index, grid, block), impl, dtype, dense_wgrad)
 
 
-def _dw_fake(dy, x, index, block, impl, dtype, dense_wgrad):
+def _dw_fake(dy, x, index, grid, block, impl, dtype, dense_wgrad):
     return dy.new_empty(dy.shape[1], x.shape[1], dtype=dtype)
 
 
+_MASK_ARGS = "Tensor[] index, int[] grid, int block, str impl"  # BlockMaskInfo.from_tensors's, and the backend
 _fwd_op = _define(
-    "block_sparse_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor[] index, int block, str impl) -> (Tensor, Tensor)",
-    _fwd_impl, _fwd_fake,
-)  # fmt: skip
-_dx_op = _define(
-    "block_sparse_dx(Tensor dy, Tensor w_op, Tensor[] index, int block, str impl) -> Tensor", _dx_impl, _dx_fake
+    f"block_sparse_fwd(Tensor x, Tensor weight, Tensor? bias, {_MASK_ARGS}) -> (Tensor, Tensor)", _fwd_impl, _fwd_fake
 )
+_dx_op = _define(f"block_sparse_dx(Tensor dy, Tensor w_op, {_MASK_ARGS}) -> Tensor", _dx_impl, _dx_fake)
 _dw_op = _define(
-    "block_sparse_dw(Tensor dy, Tensor x, Tensor[] index, int block, str impl, ScalarType dtype, bool dense_wgrad)"
-    " -> Tensor",
-    _dw_impl, _dw_fake,
-)  # fmt: skip
+    f"block_sparse_dw(Tensor dy, Tensor x, {_MASK_ARGS}, ScalarType dtype, bool dense_wgrad) -> Tensor",
+    _dw_impl,
+    _dw_fake,
+)
 
 
 class _BlockSparseLinearOps(torch.autograd.Function):
-    """`_BlockSparseLinearFn` with the steps as ops, for dynamo to trace; the index tensors come last, one argument
+    """`_BlockSparseLinearFn` with the steps as ops, for dynamo to trace; the mask's tensors come last, one argument
     each."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, block, impl, dense_wgrad, *index):
-        y, w_op = _fwd_op(x, weight, bias, list(index), block, impl)
+    def forward(ctx, x, weight, bias, grid, block, impl, dense_wgrad, *index):
+        y, w_op = _fwd_op(x, weight, bias, list(index), grid, block, impl)
         ctx.save_for_backward(x, w_op, *index)
-        ctx.block, ctx.impl, ctx.dense_wgrad = block, impl, dense_wgrad
+        ctx.grid, ctx.block, ctx.impl, ctx.dense_wgrad = grid, block, impl, dense_wgrad
         ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
         return y
 
@@ -766,12 +830,12 @@ class _BlockSparseLinearOps(torch.autograd.Function):
         x, w_op, *index = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _dx_op(dy, w_op, index, ctx.block, ctx.impl)
+            dx = _dx_op(dy, w_op, index, ctx.grid, ctx.block, ctx.impl)
         if ctx.needs_input_grad[1]:
-            dw = _dw_op(dy, x, index, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad)
+            dw = _dw_op(dy, x, index, ctx.grid, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad)
         if ctx.needs_input_grad[2]:
             db = dy.sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None, *[None] * len(index)
+        return dx, dw, db, None, None, None, None, *[None] * len(index)
 
 
 def block_sparse_linear(
@@ -806,7 +870,7 @@ def block_sparse_linear(
         x2 = x2.contiguous()
     if torch.compiler.is_compiling():
         name = _choose_impl(backend, dev, weight.device.type)
-        y = _BlockSparseLinearOps.apply(x2, weight, bias, info.block, name, dense_wgrad, *info.tensors())
+        y = _BlockSparseLinearOps.apply(x2, weight, bias, info.grid, info.block, name, dense_wgrad, *info.tensors())
     else:
         name = _impl_name(backend, dev, weight.device.type)
         y = _BlockSparseLinearFn.apply(x2, weight, bias, info, name, dense_wgrad)

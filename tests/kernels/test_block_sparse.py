@@ -219,7 +219,7 @@ def test_fwd_bwd_launches(monkeypatch, w_dtype, wrapper):
     if wrapper == "eager":
         y = bs._BlockSparseLinearFn.apply(x, w, None, info, "triton", False)
     else:
-        y = bs._BlockSparseLinearOps.apply(x, w, None, info.block, "triton", False, *info.tensors())
+        y = bs._BlockSparseLinearOps.apply(x, w, None, info.grid, info.block, "triton", False, *info.tensors())
     y.backward(torch.randn_like(y))
     scatter = ["_scatter_kernel"] if w_dtype != torch.float32 else []
     assert launches == ["_pack_kernel", "_bsr_mm_kernel", "_bsr_mm_kernel", "_sddmm_kernel", *scatter]
@@ -236,9 +236,9 @@ def test_custom_ops_pass_opcheck():
     dy = torch.randn(10, 96)
     checks = ("test_schema", "test_faketensor")
     for op, args in [
-        (bs._fwd_op, (x, w, b, info.tensors(), 32, "ref")),
-        (bs._dx_op, (dy, w.detach(), info.tensors(), 32, "ref")),
-        (bs._dw_op, (dy, x.detach(), info.tensors(), 32, "ref", torch.float64, False)),
+        (bs._fwd_op, (x, w, b, info.tensors(), info.grid, 32, "ref")),
+        (bs._dx_op, (dy, w.detach(), info.tensors(), info.grid, 32, "ref")),
+        (bs._dw_op, (dy, x.detach(), info.tensors(), info.grid, 32, "ref", torch.float64, False)),
     ]:
         torch.library.opcheck(op, args, test_utils=checks)
 
