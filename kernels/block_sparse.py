@@ -31,8 +31,10 @@ Nothing on the per-call path syncs with the host (all sizes come from the index 
 can be captured in a CUDA graph. Host work per fwd+bwd: the autograd op, a zero-fill and 4 launches (pack, forward,
 dX, dW; a 16-bit dW reduced over split token chunks adds its cast pass); the backend choice and the dW split
 count are cached, so with short kernels the launches are what the host spends its time on. Under torch.compile the
-same steps are three torch.library custom ops (forward, dX, dW) that take the mask as its index tensors, so a model
-compiles into one graph, and a mask update (new index tensors, new lengths) runs the same graph, no recompile.
+same steps are three torch.library ops (forward, dX, dW), tied together by an autograd.Function that dynamo traces,
+that take the mask as its three index tensors, so a model compiles into one graph, and a mask update (new index
+tensors, new lengths) runs the same graph, no recompile. A compiled step's host cost per layer grows with the ops'
+Python and with each tensor input (guards, size asserts, dispatch): `bench_block_sparse --host-cost` measures it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""kernels/bench_block_sparse.py on CUDA: its rows in every timing mode, checked against the fp32 reference."""
+"""kernels/bench_block_sparse.py: its rows in every timing mode on CUDA, checked against the fp32 reference; its
+host-cost measurement on the CPU."""
 
 import pytest
 
@@ -21,3 +22,11 @@ def test_rows_in_every_mode():
             base = "dense fwd+bwd amp" if "amp" in r["variant"] else "dense fwd+bwd"
             dense = next(d for d in fwd_bwd if d["mode"] == r["mode"] and d["variant"] == base)
             assert r["dense_ms"] == dense["ms"] and r["speedup"] > 0
+
+
+def test_host_cost_runs_the_compiled_triton_host_path_on_cpu():
+    """The measurement compiles one graph (mask updates included) and goes through the Triton backend's launches:
+    pack, forward, dX and dW per layer (an fp32 dW takes the atomics directly, no cast pass)."""
+    result = bench.host_cost(n_layers=2, reps=2)
+    assert result["graphs"] == 1 and result["launches_per_layer"] == 4
+    assert result["host_us_per_layer"] > 0 and result["python_calls_per_layer"] > 0
