@@ -31,7 +31,7 @@ Nothing on the per-call path syncs with the host (all sizes come from the index 
 can be captured in a CUDA graph. Host work per fwd+bwd: the autograd op, a zero-fill and 4 launches (pack, forward,
 dX, dW; a 16-bit dW reduced over split token chunks adds its cast pass); the backend choice and the dW split
 count are cached, so with short kernels the launches are what the host spends its time on. Under torch.compile the
-same steps are three torch.library ops (forward, dX, dW), tied together by an autograd.Function that dynamo traces,
+same steps are two torch.library ops (forward; dX and dW), tied together by an autograd.Function that dynamo traces,
 that take the mask as its three index tensors, so a model compiles into one graph, and a mask update (new index
 tensors, new lengths) runs the same graph, no recompile. A compiled step's host cost per layer grows with the ops'
 Python and with each tensor input (guards, size asserts, dispatch): `bench_block_sparse --host-cost` measures it.
@@ -787,31 +787,30 @@ def _fwd_fake(x, weight, bias, index, grid, block, impl):
     return x.new_empty(x.shape[0], weight.shape[0]), w_op
 
 
-def _dx_impl(dy, w_op, index, grid, block, impl):
-    return IMPLS[impl].dx(dy, w_op, BlockMaskInfo.from_tensors(index, grid, block))
+def _bwd_impl(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, need_dx, need_dw):
+    """(dX, dW), one op for both: a layer's backward then pays one op's dispatch and mask rebuild. A gradient not
+    needed comes back empty (an op's outputs are tensors)."""
+    info = BlockMaskInfo.from_tensors(index, grid, block)
+    dx = IMPLS[impl].dx(dy, w_op, info) if need_dx else dy.new_empty(0)
+    dw = _weight_grad(dy, x, info, impl, dtype, dense_wgrad) if need_dw else dy.new_empty(0, dtype=dtype)
+    return dx, dw
 
 
-def _dx_fake(dy, w_op, index, grid, block, impl):
-    return dy.new_empty(dy.shape[0], grid[1] * block)
-
-
-def _dw_impl(dy, x, index, grid, block, impl, dtype, dense_wgrad):
-    return _weight_grad(dy, x, BlockMaskInfo.from_tensors(index, grid, block), impl, dtype, dense_wgrad)
-
-
-def _dw_fake(dy, x, index, grid, block, impl, dtype, dense_wgrad):
-    return dy.new_empty(dy.shape[1], x.shape[1], dtype=dtype)
+def _bwd_fake(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, need_dx, need_dw):
+    dx = dy.new_empty(dy.shape[0], grid[1] * block) if need_dx else dy.new_empty(0)
+    dw = dy.new_empty(dy.shape[1], x.shape[1], dtype=dtype) if need_dw else dy.new_empty(0, dtype=dtype)
+    return dx, dw
 
 
 _MASK_ARGS = "Tensor[] index, int[] grid, int block, str impl"  # BlockMaskInfo.from_tensors's, and the backend
 _fwd_op = _define(
     f"block_sparse_fwd(Tensor x, Tensor weight, Tensor? bias, {_MASK_ARGS}) -> (Tensor, Tensor)", _fwd_impl, _fwd_fake
 )
-_dx_op = _define(f"block_sparse_dx(Tensor dy, Tensor w_op, {_MASK_ARGS}) -> Tensor", _dx_impl, _dx_fake)
-_dw_op = _define(
-    f"block_sparse_dw(Tensor dy, Tensor x, {_MASK_ARGS}, ScalarType dtype, bool dense_wgrad) -> Tensor",
-    _dw_impl,
-    _dw_fake,
+_bwd_op = _define(
+    f"block_sparse_bwd(Tensor dy, Tensor x, Tensor w_op, {_MASK_ARGS}, ScalarType dtype, bool dense_wgrad, "
+    "bool need_dx, bool need_dw) -> (Tensor, Tensor)",
+    _bwd_impl,
+    _bwd_fake,
 )
 
 
@@ -830,12 +829,14 @@ class _BlockSparseLinearOps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w_op, *index = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _dx_op(dy, w_op, index, ctx.grid, ctx.block, ctx.impl)
-        if ctx.needs_input_grad[1]:
-            dw = _dw_op(dy, x, index, ctx.grid, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad)
-        if ctx.needs_input_grad[2]:
+        if need_dx or need_dw:
+            dx, dw = _bwd_op(
+                dy, x, w_op, index, ctx.grid, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad, need_dx, need_dw
+            )
+            dx, dw = dx if need_dx else None, dw if need_dw else None
+        if need_db:
             db = dy.sum(0).to(ctx.b_dtype)
         return dx, dw, db, None, None, None, None, *[None] * len(index)
 

@@ -227,18 +227,20 @@ def test_fwd_bwd_launches(monkeypatch, w_dtype, wrapper):
 
 
 def test_custom_ops_pass_opcheck():
-    """torch.library's own checks of the three ops (reference impl): schema and fakes against real outputs (shapes,
-    dtypes, strides). The ops have no autograd of their own (an autograd.Function ties them together, see
-    `_BlockSparseLinearOps`): the compile tests check its grads against eager ones."""
+    """torch.library's own checks of the forward and backward ops (reference impl; dX and dW, and dW alone): schema
+    and fakes against real outputs (shapes, dtypes, strides). The ops have no autograd of their own (an
+    autograd.Function ties them together, see `_BlockSparseLinearOps`): the compile tests check its grads against
+    eager ones."""
     torch.manual_seed(0)
     info = build_block_mask_info(_random_mask(3, 2, 0.5), 32)
     x, w, b = (torch.randn(*shape, requires_grad=True) for shape in [(10, 64), (96, 64), (96,)])
     dy = torch.randn(10, 96)
     checks = ("test_schema", "test_faketensor")
+    mask_args = (info.tensors(), info.grid, 32, "ref")
     for op, args in [
-        (bs._fwd_op, (x, w, b, info.tensors(), info.grid, 32, "ref")),
-        (bs._dx_op, (dy, w.detach(), info.tensors(), info.grid, 32, "ref")),
-        (bs._dw_op, (dy, x.detach(), info.tensors(), info.grid, 32, "ref", torch.float64, False)),
+        (bs._fwd_op, (x, w, b, *mask_args)),
+        (bs._bwd_op, (dy, x.detach(), w.detach(), *mask_args, torch.float64, False, True, True)),
+        (bs._bwd_op, (dy, x.detach(), w.detach(), *mask_args, torch.float64, False, False, True)),
     ]:
         torch.library.opcheck(op, args, test_utils=checks)
 
