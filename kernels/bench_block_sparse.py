@@ -243,12 +243,16 @@ def host_cost(
     (width×width, b=64, half the blocks on, bias, fp32), on the CPU with the Triton launches stubbed out: the
     `triton` backend's host path (graph guards, op dispatch, index lists, dW split count, allocations) without the
     launches themselves. The masks are changed once after the warm-up (a compiled step then runs new index tensors).
-    Returns µs per layer (the best of 5 rounds of `reps` steps), Python and C calls per layer (one profiled step),
-    launches per layer and the number of graphs dynamo compiled."""
+    Returns µs per layer (this process's CPU time, the best of 5 rounds of `reps` steps: other processes on a shared
+    machine don't count; torch runs on one thread meanwhile, so no idle worker thread counts either), Python and C
+    calls per layer (one profiled step), launches per layer and the number of graphs dynamo compiled."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     launches: list[str] = []
+    threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
+        torch.set_num_threads(1)
+        stack.callback(torch.set_num_threads, threads)
         for name in ("_pack_kernel", "_bsr_mm_kernel", "_sddmm_kernel", "_scatter_kernel"):
             stack.enter_context(mock.patch.object(bs, name, _StubKernel(launches, name)))
         stack.enter_context(mock.patch.object(bs, "_triton_can_run", lambda *devices: True))
@@ -279,10 +283,10 @@ def host_cost(
             step()
         rounds = []
         for _ in range(5):
-            t = time.perf_counter()
+            t = time.process_time()
             for _ in range(reps):
                 step()
-            rounds.append((time.perf_counter() - t) / reps)
+            rounds.append((time.process_time() - t) / reps)
         calls = {"call": 0, "c_call": 0}
 
         def count(frame, event, arg) -> None:
