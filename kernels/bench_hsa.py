@@ -3,6 +3,7 @@ sweep of the kernel's launch configurations.
 
     python -m kernels.bench_hsa --out results/bench_hsa.json [--quick]
     python -m kernels.bench_hsa --sweep --out results/hsa_sweep.json    # the two target cases, < 3 min on an H100
+    python -m kernels.bench_hsa --host-cost --out host.json  # any machine: a compiled call's host work (host_cost)
 
 Bench: for each (T, l), forward and forward+backward of every variant (median of --iters calls) in two modes:
 - eager: calls queued back to back with a CUDA event pair around each, as training issues them. Where the host's
@@ -27,12 +28,15 @@ are recorded as skipped. The JSON is rewritten after every swept case and every 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +261,80 @@ def compiled_kernels() -> dict[str, list[dict]]:
     return out
 
 
+class _StubKernel:
+    """Stands in for a Triton kernel: counts launches instead of running them."""
+
+    def __init__(self, launches: list[str], name: str) -> None:
+        self.launches, self.name = launches, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self.name)
+
+
+def host_cost(
+    n_calls: int = 8, compile_backend: str = "aot_eager", reps: int = 20, T: int = 128, stride: int = 16
+) -> dict[str, float]:
+    """Host time and function calls per HSA attention fwd+bwd in a compiled chain of `n_calls` (each call's output
+    is the next one's q; B=2, nh=2, hs=16, fp32), on the CPU with the Triton launches
+    stubbed out: the Triton path's host work (graph guards, op dispatch, config lookup, allocations) without the
+    launches. Returns µs per call (this process's CPU time on one torch thread, the best of 5 rounds of `reps`
+    steps), Python and C calls per call (one profiled step), launches per call and the graphs dynamo compiled."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    launches: list[str] = []
+    threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        torch.set_num_threads(1)
+        stack.callback(torch.set_num_threads, threads)
+        for name in ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel"):
+            stack.enter_context(mock.patch.object(hsa, name, _StubKernel(launches, name)))
+        gen = torch.Generator().manual_seed(0)
+        # (B, T, nh, hs) leaves seen as (B, nh, T, hs), the model's layout, which the outputs keep: no copies.
+        leaves = [torch.randn(2, T, 2, 16, generator=gen, requires_grad=True) for _ in range(3)]
+
+        def chain(*leaves: torch.Tensor) -> torch.Tensor:
+            q, k, v = (x.transpose(1, 2) for x in leaves)
+            for _ in range(n_calls):
+                q = hsa_attention_triton(q, k, v, stride)
+            return q
+
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend(compile_backend)
+        compiled = torch.compile(chain, backend=counter, fullgraph=True)
+        dy = torch.randn(2, 2, T, 16, generator=gen)
+
+        def step() -> None:
+            compiled(*leaves).backward(dy)
+
+        for _ in range(3):
+            step()
+        rounds = []
+        for _ in range(5):
+            t = time.process_time()
+            for _ in range(reps):
+                step()
+            rounds.append((time.process_time() - t) / reps)
+        calls = {"call": 0, "c_call": 0}
+
+        def count(frame, event, arg) -> None:
+            if event in calls:
+                calls[event] += 1
+
+        launches.clear()
+        sys.setprofile(count)
+        try:
+            step()
+        finally:
+            sys.setprofile(None)
+    return {
+        "host_us_per_call": 1e6 * min(rounds) / n_calls,
+        "python_calls_per_call": calls["call"] / n_calls,
+        "c_calls_per_call": calls["c_call"] / n_calls,
+        "launches_per_call": len(launches) / n_calls,
+        "graphs": counter.frame_count,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -285,7 +363,14 @@ def main(
     cases_: str = typer.Option("", "--cases", help="Comma-separated TxLxB (e.g. 1024x256x16) instead of the defaults."),
     sweep: bool = typer.Option(False, help="Sweep launch configurations first (at --cases, else the --quick cases)."),
     budget_s: float = typer.Option(110.0, help="Sweep: start no configuration after this many seconds."),
+    host_cost_: bool = typer.Option(False, "--host-cost", help="Only host_cost(), both backends (CPU)."),
 ) -> None:
+    if host_cost_:
+        record = {backend: host_cost(compile_backend=backend) for backend in ("aot_eager", "inductor")}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1))
+        print(json.dumps(record, indent=1))
+        return
     if not torch.cuda.is_available():
         raise typer.BadParameter("the HSA benchmark needs a CUDA device")
     import triton

@@ -527,52 +527,63 @@ def hsa_backward(
     return dq, dk, dv
 
 
-# The kernels as torch.library custom ops: torch.compile sees one opaque op per pass (shapes from the fakes below)
-# instead of a graph break. A break inside a block made dynamo run GPT.forward's loop over blocks eagerly and split
-# every block into pieces, on top of the kernel's own time.
-@torch.library.custom_op("sparse_pretrain::hsa_fwd", mutates_args=())
-def _hsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return hsa_forward(q, k, v, stride)
+# The kernels as torch.library ops: torch.compile sees one opaque op per pass (shapes from the fakes below) instead
+# of a graph break. A break inside a block made dynamo run GPT.forward's loop over blocks eagerly and split every
+# block into pieces, on top of the kernel's own time. The ops have no autograd of their own: `_HsaFn`, an
+# autograd.Function that dynamo traces, ties them together, so a compiled step calls each op's kernel straight from
+# the dispatcher. (torch.library.custom_op with register_autograd puts Python in front of every call of a compiled
+# graph: its autograd kernel, a redispatch, dynamo-disable wrappers and output-alias checks.) Same namespace as
+# kernels.block_sparse's ops, a fragment of its own: neither module needs the other.
+_LIB = torch.library.Library("sparse_pretrain", "FRAGMENT")  # the ops live as long as this object
 
 
-@_hsa_fwd_op.register_fake
-def _(q, k, v, stride):
+def _define(schema: str, impl, fake):
+    name = schema.split("(")[0]
+    _LIB.define(schema)
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(name, impl, key)
+    torch.library.register_fake(f"sparse_pretrain::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.sparse_pretrain, name).default
+
+
+def _fwd_fake(q, k, v, stride):
     B, H, T, D = q.shape
     return _empty_out(q), q.new_empty((B * H, T), dtype=torch.float32)
 
 
-@torch.library.custom_op("sparse_pretrain::hsa_bwd", mutates_args=())
-def _hsa_bwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-    stride: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return hsa_backward(q, k, v, o, lse, do, stride)
-
-
-@_hsa_bwd_op.register_fake
-def _(q, k, v, o, lse, do, stride):
+def _bwd_fake(q, k, v, o, lse, do, stride):
     return _empty_out(q), _empty_out(q), _empty_out(q)
 
 
-def _hsa_setup(ctx, inputs, output) -> None:
-    q, k, v, stride = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.stride = stride
+_hsa_fwd_op = _define("hsa_fwd(Tensor q, Tensor k, Tensor v, int stride) -> (Tensor, Tensor)", hsa_forward, _fwd_fake)
+_hsa_bwd_op = _define(
+    "hsa_bwd(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor do, int stride) -> (Tensor, Tensor, Tensor)",
+    hsa_backward,
+    _bwd_fake,
+)
 
 
-def _hsa_grad(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    return (*_hsa_bwd_op(q, k, v, o, lse, do, ctx.stride), None)
+class _HsaFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, stride):
+        o, lse = _hsa_fwd_op(q, k, v, stride)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.stride = stride
+        return o
 
-
-_hsa_fwd_op.register_autograd(_hsa_grad, setup_context=_hsa_setup)
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*_hsa_bwd_op(q, k, v, o, lse, do, ctx.stride), None)
 
 
 def hsa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int) -> torch.Tensor:
     """Mode 'sparse' HSA computing only the kept pairs (forward and backward). q, k, v: (B, nh, T, hs) on CUDA
     (or CPU tensors under TRITON_INTERPRET=1); bf16/fp16 (fp32 runs with TF32 dots on a GPU)."""
     _check(q.size(-2), stride, "sparse")
-    return _hsa_fwd_op(q, k, v, stride)[0]
+    if k is q or v is q or v is k:  # dynamo refuses an autograd.Function given one tensor twice; a view is another
+        k, v = k.view_as(k), v.view_as(v)
+    return _HsaFn.apply(q, k, v, stride)
 
 
 IMPLS: dict[str, Callable[..., torch.Tensor]] = {"triton": hsa_attention_triton, "ref": hsa_attention_ref}

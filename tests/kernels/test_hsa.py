@@ -213,7 +213,18 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         assert (fo.stride(), flse.stride()) == (o.stride(), lse.stride())
         assert [g.stride() for g in fgrads] == [g.stride() for g in grads] == [o.stride()] * 3
 
-    # Inside a compiled GPT the kernels are custom ops: one graph, no break (fullgraph raises on any), same numbers.
+    # One tensor as q, k and v (dynamo refuses it twice in one autograd.Function), eager and compiled.
+    x = torch.randn(1, 2, 40, 16, requires_grad=True)
+    dout = torch.randn(1, 2, 40, 16)
+    ref = hsa_attention_ref(x, x, x, 8)
+    (ref_grad,) = torch.autograd.grad(ref, x, dout)
+    self_attn = lambda x: hsa_attention_triton(x, x, x, 8)
+    for fn in (self_attn, torch.compile(self_attn, backend="aot_eager", fullgraph=True)):
+        out = fn(x)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.autograd.grad(out, x, dout)[0], ref_grad, atol=1e-5, rtol=1e-4)
+
+    # Inside a compiled GPT the kernels are library ops: one graph, no break (fullgraph raises on any), same numbers.
     from model.gpt import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=64, bias=False))
     for block in model.transformer.h:
@@ -242,6 +253,16 @@ def test_triton_kernel_matches_ref_in_interpreter():
         [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_bench_host_cost_compiles_one_graph():
+    """kernels/bench_hsa.py --host-cost on a tiny chain: the stubbed Triton path compiles to one graph and launches
+    the four kernels once per call."""
+    pytest.importorskip("triton")
+    from kernels import bench_hsa
+
+    cost = bench_hsa.host_cost(n_calls=2, reps=1)
+    assert cost["graphs"] == 1 and cost["launches_per_call"] == 4 and cost["host_us_per_call"] > 0
 
 
 def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
