@@ -150,7 +150,7 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
         scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"][0])
 
-    train_model = torch.compile(model) if t.compile and device.type == "cuda" else model
+    train_model = torch.compile(model, mode=t.compile_mode) if t.compile and device.type == "cuda" else model
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * dist.world_size

@@ -60,6 +60,9 @@ class TrainConfig:
     """auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16 | float16."""
     compile: bool = False
     """torch.compile the model (CUDA only; ignored on CPU)."""
+    compile_mode: str = "default"
+    """torch.compile mode: default | reduce-overhead (CUDA-graph replays of forward and backward: no host work per op,
+    worth it where a step is host-bound) | max-autotune-no-cudagraphs."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     init_from: str = ""
@@ -78,6 +81,9 @@ class TrainConfig:
             raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"train.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
+            modes = "default, reduce-overhead or max-autotune-no-cudagraphs"
+            raise ValueError(f"train.compile_mode must be {modes}, got {self.compile_mode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"train.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
