@@ -133,6 +133,8 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
         raise TrainError(f"data vocab {data.vocab_size} > model.vocab_size {cfg.model.vocab_size}")
     model.to(device)
     method = method_class(cfg.method)(cfg.method_cfg, cfg.model, t.steps, t.seed)
+    if t.compile and t.compile_mode == "reduce-overhead" and method.cuda_graphs:
+        raise TrainError(f"{cfg.method} cannot run with train.compile_mode=reduce-overhead: {method.cuda_graphs}")
     model = method.attach(model)
 
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,

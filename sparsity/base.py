@@ -43,6 +43,9 @@ class Method:
 
     name: ClassVar[str] = "dense"
     Config: ClassVar[type] = DenseConfig
+    cuda_graphs: ClassVar[str] = ""
+    """Why the model cannot be replayed from CUDA graphs (train.compile_mode=reduce-overhead); empty if it can: all
+    per-step state reaches the compiled model as tensors it takes as inputs or updates in place."""
 
     def __init__(self, cfg: Any, model_cfg: GPTConfig, total_steps: int, seed: int = 0):
         self.cfg = cfg

@@ -129,6 +129,8 @@ def choose_decay(curves: dict[float, list[float]]) -> tuple[float, dict[float, s
 
 class Semi24(Method):
     name = "2of4"
+    cuda_graphs = ("the 2:4 ops keep packed operands and MVUE seeds in the module, outside the graph's inputs; its "
+                   "compiled step is GPU-bound anyway (python -m tools.profile_step), so replays would not speed it up")
     Config = Semi24Config
 
     def __init__(self, cfg: Semi24Config, model_cfg: GPTConfig, total_steps: int, seed: int = 0):
