@@ -117,6 +117,7 @@ class Run:
     device: torch.device
     dist: DistInfo
     tokens_per_step: int
+    graphs: bool = False  # forward and backward replay CUDA graphs (compile_mode reduce-overhead)
 
 
 def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) -> Run:
@@ -156,7 +157,9 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * dist.world_size
-    return Run(cfg, model, train_model, method, optimizer, scaler, data, autocast, device, dist, tokens_per_step)
+    graphs = train_model is not model and t.compile_mode == "reduce-overhead"
+    return Run(cfg, model, train_model, method, optimizer, scaler, data, autocast, device, dist, tokens_per_step,
+               graphs)
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -178,6 +181,12 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float, 
                 _, loss = run.train_model(x, y)
             scaler.scale(loss / t.grad_accum).backward()
         loss_sum += loss.detach()
+        if run.graphs and micro == 0 and not last_micro:
+            # The first backward's grads are outputs of a replayed graph, in its memory pool, which the next
+            # micro-batch's replay overwrites: copy them out once; later micro-batches accumulate into the copies.
+            for p in run.model.parameters():
+                if p.grad is not None:
+                    p.grad = p.grad.clone()
     method.after_backward(step)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
