@@ -119,3 +119,81 @@ def mvue24_pack(x: torch.Tensor, seed: int) -> torch.Tensor:
     out = torch.empty(N, T // 2 + T // 16, dtype=x.dtype, device=x.device)
     mvue_pack_kernel[(T // TILE_COLS, N // TILE_ROWS)](x, out, out.view(torch.int16), T, N, seed)
     return out
+
+
+# ------------------------------------------------------------------------------------------------------ bench
+def _replay_ms(fn) -> float:
+    from kernels.benchutil import capture, time_ms
+
+    graph, _ = capture(fn)
+    return time_ms(graph.replay, warmup=3, reps=20, sync_each=False)
+
+
+def _bench_shape(out_f: int, in_f: int, tokens: int) -> dict:
+    from kernels import semi24_triton
+    from kernels.semi24 import GemmPlan, _cslt_mm, _search_alg
+
+    torch.manual_seed(0)
+    w = torch.randn(out_f, in_f, device="cuda")
+    mask = _transposable_mask(out_f, in_f)
+    pruned = (w * mask).bfloat16()
+    pruned_t = pruned.t().contiguous()
+    packed, packed_t = torch._cslt_compress(pruned), torch._cslt_compress(pruned_t)
+    cols, cols_t = kept_columns(mask), kept_columns(mask.t())
+    x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
+    dyt = mvue24_pack(dy, 1)
+    same = torch.equal(dyt.view(torch.int16), torch._cslt_compress(semi24_triton.mvue24_t(dy, 1)).view(torch.int16))
+    write_values(packed, w, cols)
+    same = same and torch.equal(packed.view(torch.int16), torch._cslt_compress(pruned).view(torch.int16))
+    plan = {name: GemmPlan(True, *_search_alg(a, b, tr)) for name, a, b, tr in
+            [("fwd", packed, x.t(), True), ("dgrad", packed_t, dy.t(), True), ("wgrad", dyt, x, False)]}
+    row = {
+        "weight": [out_f, in_f], "tokens": tokens, "pack_equal_cslt": bool(same),
+        "repack_w_wt_cslt_ms": _replay_ms(lambda: (torch._cslt_compress(pruned), torch._cslt_compress(pruned_t))),
+        "repack_w_wt_ours_ms": _replay_ms(lambda: (write_values(packed, w, cols), write_values(packed_t, w.t(),
+                                                                                             cols_t))),
+        "mvue_compress_cslt_ms": _replay_ms(lambda: torch._cslt_compress(semi24_triton.mvue24_t(dy, 1))),
+        "mvue_pack_ours_ms": _replay_ms(lambda: mvue24_pack(dy, 1)),
+        "fwd_dense_ms": _replay_ms(lambda: x @ pruned.t()),
+        "fwd_sparse_ms": _replay_ms(lambda: _cslt_mm(packed, x.t(), True, plan["fwd"])),
+        "dgrad_dense_ms": _replay_ms(lambda: dy @ pruned),
+        "dgrad_sparse_ms": _replay_ms(lambda: _cslt_mm(packed_t, dy.t(), True, plan["dgrad"])),
+        "wgrad_dense_ms": _replay_ms(lambda: dy.t() @ x),
+        "wgrad_sparse_ms": _replay_ms(lambda: _cslt_mm(dyt, x, False, plan["wgrad"])),
+    }
+    dense = row["fwd_dense_ms"] + row["dgrad_dense_ms"] + row["wgrad_dense_ms"]
+    ours = (row["fwd_sparse_ms"] + row["dgrad_sparse_ms"] + row["wgrad_sparse_ms"] + row["repack_w_wt_ours_ms"]
+            + row["mvue_pack_ours_ms"])
+    row["sum_of_parts_speedup"] = dense / ours  # GEMMs + packing, each timed alone: not one fwd+bwd
+    return row
+
+
+def bench(out: str | None = None, tokens: int = 16384) -> list[dict]:
+    """GPU time (CUDA-graph replays) of the per-step packing of one 2:4 linear, cuSPARSELt's way and ours, and of
+    its three GEMMs sparse (searched algorithm) and dense, at the GPT-2 MLP shapes.
+
+        python -m kernels.cslt_pack results.json
+    """
+    import json
+
+    rows = []
+    for shape in [(3072, 768), (768, 3072), (4096, 1024), (1024, 4096), (5120, 1280), (1280, 5120), (6400, 1600),
+                  (1600, 6400)]:
+        rows.append(_bench_shape(*shape, tokens))
+        print(json.dumps(rows[-1]), flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return rows
+
+
+def _transposable_mask(m: int, k: int) -> torch.Tensor:
+    shift = torch.randint(0, 4, (m // 4, k // 4), device="cuda").repeat_interleave(4, 0).repeat_interleave(4, 1)
+    return (torch.arange(m, device="cuda")[:, None] + torch.arange(k, device="cuda")[None, :] + shift) % 4 < 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    bench(sys.argv[1] if len(sys.argv) > 1 else None)
