@@ -137,7 +137,9 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
                                          "0.5, r0 0.75, heads omitted too) for each --steps-presets model"),
          whole_run: bool = typer.Option(False, "--whole-run", help="only compiled whole steps at each omission rate "
                                         "of SAT's default schedule, and the whole-run speedup they add up to, for "
-                                        "each --steps-presets model")) -> None:
+                                        "each --steps-presets model"),
+         set_: list[str] = typer.Option([], "--set", help="config overrides for the whole-step rows, e.g. "
+                                        "train.compile_mode=reduce-overhead")) -> None:
     """Time dense vs sliced MLP / attention fwd+bwd (eager, CUDA graph, compiled) and whole SAT training steps on
     CUDA; write JSON."""
     presets = [p for p in steps_presets.split(",") if p]
@@ -147,19 +149,19 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
         raise typer.BadParameter("needs a CUDA device")
     torch.manual_seed(0)
     record = Recorder(out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": B * T,
-                            "dtype": "bf16 autocast, fp32 params"}, budget_s)
+                            "dtype": "bf16 autocast, fp32 params", "overrides": list(set_)}, budget_s)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {B * T} tokens, bf16 autocast", flush=True)
     if steps_only or whole_run:
         for preset in presets:
-            (whole_run_steps if whole_run else train_steps)(preset, "compiled", record, True)
+            (whole_run_steps if whole_run else train_steps)(preset, "compiled", record, True, overrides=set_)
         print(f"wrote {out} in {time.time() - record.t0:.0f} s")
         return
     widths = [768, 1280] if quick else list(WIDTHS)
     mlp_rows(widths, "eager", record, iters)
     attn_rows([768] if quick else widths, "eager", record, iters)
-    train_steps(presets[0], "eager", record, extra_variants=not quick)
+    train_steps(presets[0], "eager", record, extra_variants=not quick, overrides=set_)
     for preset in presets[:1] if quick else presets:
-        train_steps(preset, "compiled", record)
+        train_steps(preset, "compiled", record, overrides=set_)
     # CUDA-graph rows after the steps: a capture that fails leaves the CUDA generator unusable for the rest of the
     # process (H200, 2026-11-23: every later torch.randn raised "Offset increment outside graph capture")
     mlp_rows(widths, "graph", record, iters)
@@ -229,13 +231,14 @@ def attn_rows(widths: list[int], mode: str, record: Recorder, iters: int, device
 
 
 def train_steps(preset: str, mode: str, record: Recorder, extra_variants: bool = False, device: str = "cuda",
-                tokens: tuple[int, int] = (B, T), iters: int = 10) -> None:
+                tokens: tuple[int, int] = (B, T), iters: int = 10, overrides: list[str] = ()) -> None:
     """Whole training steps of `preset` through train.train_step: dense, then SAT at r0 = 0.5 with its defaults
     (maxip on 1/16 of the tokens, sampling at T=0.05, selection every step); extra_variants adds r0 = 0.75 and
     r0 = 0.5 with heads omitted too."""
     b, t = tokens
     base = [f"model.preset={preset}", f"model.block_size={t}", f"train.batch_size={b}", "train.steps=1000",
-            "train.grad_accum=1", f"train.device={device}", f"train.compile={str(mode == 'compiled').lower()}"]
+            "train.grad_accum=1", f"train.device={device}", f"train.compile={str(mode == 'compiled').lower()}",
+            *overrides]
     variants = [("dense", 1.0, []), ("sat", 0.5, [])]
     if extra_variants:
         variants += [("sat", 0.25, ["sat.omission_rate=0.75"]), ("sat", 0.5, ["sat.omit_heads=true"])]
@@ -263,14 +266,16 @@ WARMUPS = {"continual": 0.0, "scratch": 0.1}  # sat.warmup_frac of configs/sat-g
 
 
 def whole_run_steps(preset: str, mode: str, record: Recorder, _extra: bool = True, device: str = "cuda",
-                    tokens: tuple[int, int] = (B, T), iters: int = 10, total: int = 1000) -> None:
+                    tokens: tuple[int, int] = (B, T), iters: int = 10, total: int = 1000,
+                    overrides: list[str] = ()) -> None:
     """Whole steps at every omission rate that SAT's default schedule (LORS) visits, each timed as a constant-rate
     run, then the whole run's speedup: total · t_dense / Σ_rate n_rate · t_rate, with n_rate the schedule's steps at
     that rate, for a continual run (no dense warm-up) and one from scratch (10% dense warm-up). The rungs' rates
     do not depend on the warm-up; the dense rungs (warm-up, last rung) are SAT's own steps at rate 0."""
     b, t = tokens
     base = [f"model.preset={preset}", f"model.block_size={t}", f"train.batch_size={b}", f"train.steps={total}",
-            "train.grad_accum=1", f"train.device={device}", f"train.compile={str(mode == 'compiled').lower()}"]
+            "train.grad_accum=1", f"train.device={device}", f"train.compile={str(mode == 'compiled').lower()}",
+            *overrides]
     sat_cfg = load_config(None, "sat", base).method_cfg
     counts = {name: Counter(omission_rate(replace(sat_cfg, warmup_frac=w), s, total) for s in range(total))
               for name, w in WARMUPS.items()}

@@ -143,13 +143,16 @@ def _bench_shape(out_f: int, in_f: int, tokens: int) -> dict:
     x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
     dyt = mvue24_pack(dy, 1)
-    same = torch.equal(dyt.view(torch.int16), torch._cslt_compress(semi24_triton.mvue24_t(dy, 1)).view(torch.int16))
+    dyt_ref = semi24_triton.mvue24_t(dy, 1)
+    same_dyt = torch.equal(dyt.view(torch.int16), torch._cslt_compress(dyt_ref).view(torch.int16))
+    same_dyt_dense = torch.equal(unpack_ref(dyt), dyt_ref)
     write_values(packed, w, cols)
-    same = same and torch.equal(packed.view(torch.int16), torch._cslt_compress(pruned).view(torch.int16))
+    same_w = torch.equal(packed.view(torch.int16), torch._cslt_compress(pruned).view(torch.int16))
     plan = {name: GemmPlan(True, *_search_alg(a, b, tr)) for name, a, b, tr in
             [("fwd", packed, x.t(), True), ("dgrad", packed_t, dy.t(), True), ("wgrad", dyt, x, False)]}
     row = {
-        "weight": [out_f, in_f], "tokens": tokens, "pack_equal_cslt": bool(same),
+        "weight": [out_f, in_f], "tokens": tokens, "mvue_pack_equal_cslt": same_dyt, "w_pack_equal_cslt": same_w,
+        "mvue_pack_unpacks_to_mvue": same_dyt_dense,
         "repack_w_wt_cslt_ms": _replay_ms(lambda: (torch._cslt_compress(pruned), torch._cslt_compress(pruned_t))),
         "repack_w_wt_ours_ms": _replay_ms(lambda: (write_values(packed, w, cols), write_values(packed_t, w.t(),
                                                                                              cols_t))),
