@@ -66,21 +66,22 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: st
     capture as the CUDA-graphs notes document it); autocast's cast cache is off, as they ask of captured autocast.
     """
     params = list(module.parameters())
-    fn = torch.compile(module) if mode == "compiled" else module
+    fn = torch.compile(module) if mode.startswith("compiled") else module
+    graphed = mode in ("graph", "compiled-graph")
     last: dict[str, torch.Tensor] = {}
 
     def call() -> None:
         for p in params:
             p.grad = None
         x.grad = None
-        with torch.autocast(x.device.type, torch.bfloat16, cache_enabled=mode != "graph"):
+        with torch.autocast(x.device.type, torch.bfloat16, cache_enabled=not graphed):
             last["y"] = fn(x)
         last["y"].backward(dy)
 
     def results() -> list[torch.Tensor]:
         return [t.detach().clone() for t in (last["y"], x.grad, *(p.grad for p in params))]
 
-    if mode != "graph":
+    if not graphed:
         return call, results
     return capture(call)[0].replay, results
 
@@ -139,7 +140,10 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
                                         "of SAT's default schedule, and the whole-run speedup they add up to, for "
                                         "each --steps-presets model"),
          set_: list[str] = typer.Option([], "--set", help="config overrides for the whole-step rows, e.g. "
-                                        "train.compile_mode=reduce-overhead")) -> None:
+                                        "train.compile_mode=reduce-overhead"),
+         modules: str = typer.Option("", "--modules", help="only the MLP and attention rows, in these comma-separated "
+                                     "modes (eager, graph, compiled, compiled-graph: the compiled module replayed "
+                                     "from a CUDA graph, as compile_mode=reduce-overhead runs it)")) -> None:
     """Time dense vs sliced MLP / attention fwd+bwd (eager, CUDA graph, compiled) and whole SAT training steps on
     CUDA; write JSON."""
     presets = [p for p in steps_presets.split(",") if p]
@@ -151,6 +155,15 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
     record = Recorder(out, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": B * T,
                             "dtype": "bf16 autocast, fp32 params", "overrides": list(set_)}, budget_s)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {B * T} tokens, bf16 autocast", flush=True)
+    if modules:
+        bad = [m for m in modules.split(",") if m not in ("eager", "graph", "compiled", "compiled-graph")]
+        if bad:
+            raise typer.BadParameter(f"--modules: eager, graph, compiled or compiled-graph, got {bad[0]!r}")
+        for mode in modules.split(","):
+            mlp_rows(list(WIDTHS), mode, record, iters)
+            attn_rows(list(WIDTHS), mode, record, iters)
+        print(f"wrote {out} in {time.time() - record.t0:.0f} s")
+        return
     if steps_only or whole_run:
         for preset in presets:
             (whole_run_steps if whole_run else train_steps)(preset, "compiled", record, True, overrides=set_)
@@ -177,11 +190,11 @@ def module_row(record: Recorder, op: str, d: int, keep: float, mode: str, module
     """Time one module in one mode (and check its results against `want`); returns its ms (None if skipped or
     failed)."""
     row = dict(op=op, d=d, keep=keep, mode=mode)
-    if mode == "compiled" and record.over_budget():
+    if mode.startswith("compiled") and record.over_budget():
         return record(**row, ms=None, error="skipped: time budget")
     try:
         call, results = fwd_bwd(module, x, dy, mode)
-        ms = time_ms(call, 5 if mode == "compiled" else 3, iters)
+        ms = time_ms(call, 5 if mode.startswith("compiled") else 3, iters)
         err = rel_err(results(), want) if want is not None else None
         record(**row, ms=ms, max_rel_err=err, speedup=None if dense_ms is None else dense_ms / ms)
         return ms
