@@ -136,7 +136,7 @@ def _bench_shape(out_f: int, in_f: int, tokens: int) -> dict:
     torch.manual_seed(0)
     w = torch.randn(out_f, in_f, device="cuda")
     mask = _transposable_mask(out_f, in_f)
-    pruned = torch.where(mask, w, 0.0).bfloat16()  # +0.0 where pruned: cuSPARSELt counts -0.0 as a nonzero
+    pruned = torch.where(mask, w, 0.0).bfloat16()  # +0.0 where pruned, as prune24 writes (w * mask gives -0.0)
     pruned_t = pruned.t().contiguous()
     packed, packed_t = torch._cslt_compress(pruned), torch._cslt_compress(pruned_t)
     cols, cols_t = kept_columns(mask), kept_columns(mask.t())
