@@ -165,11 +165,40 @@ def _bench_shape(out_f: int, in_f: int, tokens: int) -> dict:
         "wgrad_dense_ms": _replay_ms(lambda: dy.t() @ x),
         "wgrad_sparse_ms": _replay_ms(lambda: _cslt_mm(dyt, x, False, plan["wgrad"])),
     }
+    row.update(_linear_rows(out_f, in_f, tokens))
     dense = row["fwd_dense_ms"] + row["dgrad_dense_ms"] + row["wgrad_dense_ms"]
     ours = (row["fwd_sparse_ms"] + row["dgrad_sparse_ms"] + row["wgrad_sparse_ms"] + row["repack_w_wt_ours_ms"]
             + row["mvue_pack_ours_ms"])
     row["sum_of_parts_speedup"] = dense / ours  # GEMMs + packing, each timed alone: not one fwd+bwd
+    row["linear_speedup"] = row["linear_fwd_bwd_ms"] / row["linear24_fwd_bwd_ms"]  # one whole fwd+bwd each
     return row
+
+
+def _linear_rows(out_f: int, in_f: int, tokens: int) -> dict:
+    """One whole Linear24 fwd+bwd (every GEMM sparse: gemm_mode 'sparse'), its operands re-packed every call as
+    after an optimizer step (prune + value re-pack) and MVUE(dYᵀ) packed, against nn.Linear, both replayed from
+    CUDA graphs (host time excluded: the trainer's compile_mode=reduce-overhead has none either). The mask search
+    (every 40 steps by default) is not included."""
+    from kernels.semi24 import Linear24, transposable_search
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f, bias=False, device="cuda")
+    sparse = Linear24.from_dense(lin, backend="cusparselt", mvue=True, seed=1)
+    sparse.set_mask(transposable_search(lin.weight))
+    x = torch.randn(tokens, in_f, device="cuda", requires_grad=True)
+    dy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
+
+    def step(module, repack: bool):
+        def call():
+            lin.weight.grad, x.grad = None, None
+            if repack:
+                module.invalidate()
+            with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+                y = module(x)
+            y.backward(dy)
+        return call
+
+    return {"linear24_fwd_bwd_ms": _replay_ms(step(sparse, True)), "linear_fwd_bwd_ms": _replay_ms(step(lin, False))}
 
 
 def bench(out: str | None = None, tokens: int = 16384) -> list[dict]:
