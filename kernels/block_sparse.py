@@ -68,15 +68,20 @@ class BlockMaskInfo:
     The lists live in three tensors (`tensors()`), grouped by what sizes them, and are read as views of those
     (`row_ptr`, ... below, made on first use). Each tensor is an input of every custom op and of a compiled graph,
     where each one costs host time per call (guards, size and stride asserts, dispatch), so a mask is three tensors,
-    its grid (R, C) and b (`from_tensors`). `lists` and `tasks`, whose lengths follow nnz and the dW task count, are
-    marked for torch.compile as sizes known only at run time (`_mark_unbacked_lists`).
+    its grid (R, C) and b (`from_tensors`). Every size is fixed by (R, C) and b: `lists` has room for all R·C blocks
+    and `tasks` for the most dW tasks any mask on that grid makes, the unused tail padded (the kernels never read
+    it as a block, a padding task does no work). So a mask update changes values, never shapes: a compiled graph
+    neither recompiles nor sees a size known only at run time, and CUDA graphs of it (compile_mode reduce-overhead)
+    replay across updates. The cost: the packed weight and the compact dW buffer are sized for R·C blocks (the
+    dense weight's size) whatever the density, and the packing and dW launches have programs for every slot.
     """
 
     index: torch.Tensor  # (2R + 2C + 2 + R·C,): row_ptr | row_order | col_ptr | col_order | block_id, sized by (R, C)
-    lists: torch.Tensor  # (5, nnz): row_cols | col_rows | col_ids | blk_rows | blk_cols
-    tasks: torch.Tensor  # (T·(2G+1),): task_fixed (T) | task_other (T, G) | task_ids (T, G)
+    lists: torch.Tensor  # (5, R·C): row_cols | col_rows | col_ids | blk_rows | blk_cols, then padding (block (0, 0))
+    tasks: torch.Tensor  # (T·(2G+1),): task_fixed (T) | task_other (T, G) | task_ids (T, G), T = the most tasks
     grid: tuple[int, int]  # (R, C) = (out/b, in/b)
     block: int
+    count: int = -1  # the nonzero blocks (the lists' used length); -1 where unknown (inside an op: never needed)
 
     # index: forward CSR (row j's nonzero column blocks are row_cols[row_ptr[j]:row_ptr[j+1]]), rows by nonzero count
     # descending (launch order); dX CSC (column k's nonzero row blocks are col_rows[col_ptr[k]:col_ptr[k+1]]), columns
@@ -164,7 +169,13 @@ class BlockMaskInfo:
 
     @property
     def nnz(self) -> int:
+        """Slots of the lists (R·C): what the packed weight and the compact dW are sized by."""
         return self.lists.shape[1]
+
+    @property
+    def n_blocks(self) -> int:
+        """Nonzero blocks."""
+        return self.count if self.count >= 0 else int((self.block_id >= 0).sum())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -176,7 +187,7 @@ class BlockMaskInfo:
         return self.index.device
 
     def density(self) -> float:
-        return self.nnz / (self.grid[0] * self.grid[1])
+        return self.n_blocks / (self.grid[0] * self.grid[1])
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.index, self.lists, self.tasks]
@@ -186,23 +197,8 @@ class BlockMaskInfo:
         return cls(*tensors, grid=tuple(grid), block=block)
 
     def to(self, device: torch.device | str) -> BlockMaskInfo:
-        info = BlockMaskInfo.from_tensors([t.to(device) for t in self.tensors()], self.grid, self.block)
-        _mark_unbacked_lists(info)
-        return info
-
-
-def _mark_unbacked_lists(info: BlockMaskInfo) -> None:
-    """Let torch.compile treat the list lengths as sizes known only at run time ("unbacked"), one symbol per tensor,
-    so that every mask update feeds the same compiled graph. Static sizes (the default) recompile at the first update
-    that changes a count and then turn on automatic dynamic shapes, which share one symbol among lists of equal
-    length ("duck sizing": a later update that makes two such counts differ recompiles again) and specialize lengths
-    0 and 1 (as maybe_mark_dynamic does): a recompile whenever a small layer's count reaches or leaves 1. Nothing
-    traced reads these lengths: the fakes only size the packed weight (nnz, b, b) with them, and the kernels read
-    them from the real tensors when they run."""
-    from torch._dynamo.decorators import mark_unbacked  # here: importing dynamo costs ~1 s, once a process
-
-    mark_unbacked(info.lists, 1)
-    mark_unbacked(info.tasks, 0)
+        return dataclasses.replace(self, index=self.index.to(device), lists=self.lists.to(device),
+                                   tasks=self.tasks.to(device))
 
 
 def _by_row(n_rows: int, n_cols: int) -> bool:
@@ -214,8 +210,9 @@ def _group(block: int) -> int:
     return max(1, DW_TILE // block)
 
 
-def _grouped_tasks(lengths: torch.Tensor, other: torch.Tensor, ids: torch.Tensor, group: int):
-    """Cut each list (lists laid end to end, `lengths` long) into tasks of at most `group` entries."""
+def _grouped_tasks(lengths: torch.Tensor, other: torch.Tensor, ids: torch.Tensor, group: int, list_len: int):
+    """Cut each list (lists laid end to end, `lengths` long, each at most `list_len`) into tasks of at most `group`
+    entries; room for the most tasks any lists could make, the unused ones all padding (ids -1: no work)."""
     n_lists = lengths.numel()
     n_groups = (lengths + group - 1) // group
     first_group = torch.cumsum(n_groups, 0) - n_groups
@@ -223,7 +220,7 @@ def _grouped_tasks(lengths: torch.Tensor, other: torch.Tensor, ids: torch.Tensor
     owner = torch.repeat_interleave(torch.arange(n_lists), lengths)
     pos = torch.arange(other.numel()) - starts[owner]
     task = first_group[owner] + pos // group
-    n_tasks = int(n_groups.sum())
+    n_tasks = n_lists * _cdiv(list_len, group)
     task_other = torch.zeros((n_tasks, group), dtype=torch.int32)
     task_ids = torch.full((n_tasks, group), -1, dtype=torch.int32)
     task_other[task, pos % group] = other.to(torch.int32)
@@ -232,7 +229,8 @@ def _grouped_tasks(lengths: torch.Tensor, other: torch.Tensor, ids: torch.Tensor
     # kernel's loads vectorized, which a per-slot mask of unknown constancy would not.
     pad = task_ids < 0
     task_other[pad] = task_other[:, :1].expand_as(task_other)[pad]
-    task_fixed = torch.repeat_interleave(torch.arange(n_lists), n_groups).to(torch.int32)
+    task_fixed = torch.zeros(n_tasks, dtype=torch.int32)
+    task_fixed[: int(n_groups.sum())] = torch.repeat_interleave(torch.arange(n_lists), n_groups).to(torch.int32)
     return task_fixed, task_other, task_ids
 
 
@@ -252,9 +250,9 @@ def build_block_mask_info(mask: torch.Tensor, block: int, device: torch.device |
     block_id = torch.full((n_rows, n_cols), -1, dtype=i32)
     block_id[blk_rows, blk_cols] = torch.arange(blk_rows.numel(), dtype=i32)
     if _by_row(n_rows, n_cols):
-        tasks = _grouped_tasks(row_counts, blk_cols, block_id[blk_rows, blk_cols], _group(block))
+        tasks = _grouped_tasks(row_counts, blk_cols, block_id[blk_rows, blk_cols], _group(block), n_cols)
     else:
-        tasks = _grouped_tasks(col_counts, t_rows, block_id[t_rows, t_cols], _group(block))
+        tasks = _grouped_tasks(col_counts, t_rows, block_id[t_rows, t_cols], _group(block), n_rows)
     zero = torch.zeros(1, dtype=torch.long)
     index = [
         torch.cat([zero, row_counts.cumsum(0)]),  # row_ptr
@@ -264,12 +262,15 @@ def build_block_mask_info(mask: torch.Tensor, block: int, device: torch.device |
         block_id.flatten(),
     ]
     lists = [blk_cols, t_rows, block_id[t_rows, t_cols], blk_rows, blk_cols]  # row_cols is blk_cols: same walk
+    padded = torch.zeros(5, n_rows * n_cols, dtype=i32)  # the padding names block (0, 0): valid, never used
+    padded[:, : blk_rows.numel()] = torch.stack([t.to(i32) for t in lists])
     info = BlockMaskInfo(
         index=torch.cat([t.to(i32) for t in index]),
-        lists=torch.stack([t.to(i32) for t in lists]),
+        lists=padded,
         tasks=torch.cat([tasks[0], tasks[1].flatten(), tasks[2].flatten()]),
         grid=(n_rows, n_cols),
         block=block,
+        count=blk_rows.numel(),
     )
     return info.to(device)
 
@@ -467,15 +468,18 @@ def _bsr_mm_kernel(
 
 
 @triton.jit
-def _pack_kernel(w_ptr, out_ptr, rows_ptr, cols_ptr, stride_w0, stride_w1, B: tl.constexpr):
-    """Packed block p (row-major b×b, the compute dtype) = W block (rows[p], cols[p]): the only cast of W."""
+def _pack_kernel(w_ptr, out_ptr, rows_ptr, cols_ptr, block_id_ptr, C, stride_w0, stride_w1, B: tl.constexpr):
+    """Packed block p (row-major b×b, the compute dtype) = W block (rows[p], cols[p]): the only cast of W. A padding
+    slot (its block's id is not p) moves nothing."""
     pid = tl.program_id(0)
     r = tl.load(rows_ptr + pid).to(tl.int64)
     c = tl.load(cols_ptr + pid).to(tl.int64)
+    used = tl.load(block_id_ptr + r * C + c) == pid
     offs = tl.arange(0, B)
-    w = tl.load(w_ptr + (r * B + offs)[:, None] * stride_w0 + (c * B + offs)[None, :] * stride_w1)
+    inb = (offs[:, None] >= 0) & used
+    w = tl.load(w_ptr + (r * B + offs)[:, None] * stride_w0 + (c * B + offs)[None, :] * stride_w1, mask=inb)
     out = out_ptr + pid.to(tl.int64) * (B * B) + offs[:, None] * B + offs[None, :]
-    tl.store(out, w.to(out_ptr.dtype.element_ty))  # round-to-nearest-even, as torch casts
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=inb)  # round-to-nearest-even, as torch casts
 
 
 @triton.autotune(
@@ -507,6 +511,7 @@ def _sddmm_kernel(
     q_cols = tl.max_contiguous(tl.multiple_of(other * B + offs_g % B, B), B)  # G runs of B contiguous columns
     m_start = split * chunk
     m_end = tl.minimum(m_start + chunk, M)
+    m_end = tl.where(tl.load(ids_ptr + t * G) < 0, m_start, m_end)  # a padding task (slot 0 empty): no work
     offs_k = tl.arange(0, BK)
     p_cols = (fixed * B + offs_i)[None, :] * stride_pk
     acc = tl.zeros((B, G * B), dtype=tl.float32)
@@ -575,7 +580,8 @@ def pack_blocks(weight: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype) -
     packed = torch.empty(info.nnz, b, b, device=weight.device, dtype=dtype)
     if info.nnz:
         _pack_kernel[(info.nnz,)](
-            weight, packed, info.blk_rows, info.blk_cols, weight.stride(0), weight.stride(1), B=b,
+            weight, packed, info.blk_rows, info.blk_cols, info.block_id, info.grid[1], weight.stride(0),
+            weight.stride(1), B=b,
             num_warps=8 if b == 128 else 4,
         )  # fmt: skip
     return packed

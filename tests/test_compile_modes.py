@@ -14,10 +14,12 @@ import torch
 from tests.helpers import tiny_config
 from train import TrainError, setup, train_step
 
-METHODS = {
-    "dense": [],
-    "mst": ["mst.warmup_frac=0", "mst.delta_t=3", "mst.hsa_stride=16", "mst.hsa_end=0.6"],
-    "sat": ["sat.warmup_frac=0", "sat.lors_frac=0.6", "sat.lors_rungs=2"],
+MST = ["mst.warmup_frac=0", "mst.delta_t=3", "mst.hsa_stride=16", "mst.hsa_end=0.6"]
+CASES = {  # name: (method, overrides)
+    "dense": ("dense", []),
+    "mst": ("mst", MST),
+    "mst-block": ("mst", [*MST, "mst.granularity=block", "mst.block_size=32"]),  # mask updates change the lists
+    "sat": ("sat", ["sat.warmup_frac=0", "sat.lors_frac=0.6", "sat.lors_rungs=2"]),
 }
 
 
@@ -31,9 +33,10 @@ def _losses(root, method: str, mode: str, extra: list[str]) -> tuple[list[float]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method,grad_accum", [("dense", 1), ("dense", 2), ("mst", 2), ("sat", 2)])
-def test_reduce_overhead_trains_what_default_trains(tmp_path, method, grad_accum):
-    extra = [*METHODS[method], f"train.grad_accum={grad_accum}"]
+@pytest.mark.parametrize("case,grad_accum", [("dense", 1), ("dense", 2), ("mst", 2), ("mst-block", 1), ("sat", 2)])
+def test_reduce_overhead_trains_what_default_trains(tmp_path, case, grad_accum):
+    method, overrides = CASES[case]
+    extra = [*overrides, f"train.grad_accum={grad_accum}"]
     ref, w_ref = _losses(tmp_path, method, "default", extra)
     got, w_got = _losses(tmp_path, method, "reduce-overhead", extra)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=2e-3, atol=2e-3)

@@ -63,14 +63,17 @@ def test_reference_is_masked_dense_matmul(block):
 def test_index_lists_hand_case_grouped_by_row():
     mask = torch.tensor([[1, 0, 1], [0, 0, 0]], dtype=torch.bool)
     info = build_block_mask_info(mask, 128)  # G = 256 // 128 = 2
-    assert info.row_ptr.tolist() == [0, 2, 2] and info.row_cols.tolist() == [0, 2]
-    assert info.col_ptr.tolist() == [0, 1, 1, 2] and info.col_rows.tolist() == [0, 0]
+    # lists have room for all 6 blocks (the tail names block (0, 0)); tasks for the most any 2x3 mask makes (2 rows
+    # x 2 tasks of G = 2), the unused ones padding (ids -1)
+    assert info.row_ptr.tolist() == [0, 2, 2] and info.row_cols.tolist() == [0, 2, 0, 0, 0, 0]
+    assert info.col_ptr.tolist() == [0, 1, 1, 2] and info.col_rows.tolist()[:2] == [0, 0]
     assert info.row_order.tolist() == [0, 1] and info.col_order.tolist() == [0, 2, 1]
-    assert info.blk_rows.tolist() == [0, 0] and info.blk_cols.tolist() == [0, 2]
+    assert info.blk_rows.tolist()[:2] == [0, 0] and info.blk_cols.tolist()[:2] == [0, 2]
     assert info.block_id.tolist() == [[0, -1, 1], [-1, -1, -1]]
-    assert info.by_row and info.group == 2 and info.nnz == 2 and info.shape == (256, 384)
-    assert info.task_fixed.tolist() == [0]
-    assert info.task_other.tolist() == [[0, 2]] and info.task_ids.tolist() == [[0, 1]]
+    assert info.by_row and info.group == 2 and info.shape == (256, 384)
+    assert info.n_blocks == 2 and info.nnz == 6 and info.density() == 2 / 6
+    assert info.task_fixed.tolist() == [0, 0, 0, 0]
+    assert info.task_other.tolist()[0] == [0, 2] and info.task_ids.tolist() == [[0, 1]] + [[-1, -1]] * 3
     assert all(t.dtype == torch.int32 for t in (info.row_ptr, info.row_cols, info.col_rows, info.task_ids))
 
 
@@ -79,10 +82,10 @@ def test_index_lists_hand_case_grouped_by_column():
     info = build_block_mask_info(mask, 128)
     # row-major compact ids: (0,0)=0 (0,1)=1 (1,1)=2 (2,0)=3 (2,1)=4; columns are the longer lists (3 rows > 2 cols)
     assert not info.by_row
-    assert info.col_ptr.tolist() == [0, 2, 5] and info.col_rows.tolist() == [0, 2, 0, 1, 2]
-    assert info.task_fixed.tolist() == [0, 1, 1]
-    assert info.task_other.tolist() == [[0, 2], [0, 1], [2, 2]]  # padding repeats slot 0 and is never stored
-    assert info.task_ids.tolist() == [[0, 3], [1, 2], [4, -1]]
+    assert info.col_ptr.tolist() == [0, 2, 5] and info.col_rows.tolist() == [0, 2, 0, 1, 2, 0]
+    assert info.task_fixed.tolist() == [0, 1, 1, 0]  # room for 2 columns x 2 tasks
+    assert info.task_other.tolist()[:3] == [[0, 2], [0, 1], [2, 2]]  # padding repeats slot 0 and is never stored
+    assert info.task_ids.tolist() == [[0, 3], [1, 2], [4, -1], [-1, -1]]
 
 
 H100_SMEM = 232448  # shared_memory_per_block_optin of sm90
@@ -312,7 +315,8 @@ _INTERPRETER_CHECK = textwrap.dedent(
         dy = torch.randn(m, out_f)
         packed = bs.pack_blocks(w, info, torch.bfloat16)
         blocks = w.to(torch.bfloat16).view(out_f // block, block, in_f // block, block).transpose(1, 2)[mask]
-        torch.testing.assert_close(packed, blocks, rtol=2**-7, atol=0)
+        assert packed.shape[0] == mask.numel() and info.n_blocks == int(mask.sum())  # room for every block
+        torch.testing.assert_close(packed[: info.n_blocks], blocks, rtol=2**-7, atol=0)
         want_dw = bs.dw_ref(dy, x, info)
         pairs = [
             (bs.fwd_triton(x, w, b, info), bs.fwd_ref(x, w, b, info)),
@@ -329,6 +333,12 @@ _INTERPRETER_CHECK = textwrap.dedent(
         dw16 = bs.dw_triton(dy, x, info, torch.bfloat16, splits=splits)
         assert dw16.dtype == torch.bfloat16
         torch.testing.assert_close(dw16, want_dw.to(torch.bfloat16))
+
+    # An empty mask: lists of padding only; y is the bias, dX and dW are zero.
+    info = bs.build_block_mask_info(torch.zeros(2, 3, dtype=torch.bool), 32)
+    x, w, b, dy = torch.randn(8, 96), torch.randn(64, 96), torch.randn(64), torch.randn(8, 64)
+    torch.testing.assert_close(bs.fwd_triton(x, w, b, info), b.expand(8, 64))
+    assert not bs.dx_triton(dy, w, info).any() and not bs.dw_triton(dy, x, info, splits=2).any()
 
     # A GPT whose linears are block-sparse (MST's swap; `auto` picks Triton here) compiled with fullgraph=True:
     # one graph, the same loss and grads as eager, and new masks run it without a recompile.
