@@ -204,7 +204,8 @@ def bench_shape(
             flops = dense_flops * info.density()
 
             def sparse(inp, weight, info=info, dense_wgrad=False):
-                return bs.block_sparse_linear(inp, weight, None, info, backend="triton", dense_wgrad=dense_wgrad)
+                return bs.block_sparse_linear(inp, weight, None, info, backend="triton", dense_wgrad=dense_wgrad,
+                                              dw_density=info.density())  # as MST sets it: the layer's density
 
             dx_want = lambda i=info: bs.dx_ref(dyf(), wd.float(), i)
             dw_want = lambda i=info: bs.dw_ref(dyf(), xd.float(), i)
@@ -219,7 +220,7 @@ def bench_shape(
                 record(variant, s, block, step(forward, weight, amp), dense[base], fl, grads_err=err)
             if mode == "eager":
                 gemms = {"fwd": (bs.fwd_triton, xd, wd, None), "dx": (bs.dx_triton, dy, wd),
-                         "dw": (bs.dw_triton, dy, xd)}  # fmt: skip
+                         "dw": (functools.partial(bs.dw_triton, density=info.density()), dy, xd)}  # fmt: skip
                 for op, (fn, *args) in gemms.items():
                     make = lambda fn=fn, args=args, i=info: functools.partial(fn, *args, i)
                     record(f"bs {op}", s, block, make, dense[op], flops, errs[op])

@@ -633,7 +633,8 @@ def dw_splits(m: int, n_tasks: int, device: torch.device) -> int:
 
 
 def dw_triton(
-    dy: torch.Tensor, x: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype | None = None, splits: int | None = None
+    dy: torch.Tensor, x: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype | None = None, splits: int | None = None,
+    density: float = 1.0,
 ) -> torch.Tensor:
     """dYᵀ X on the nonzero blocks, zero elsewhere, as a full (out, in) tensor in `dtype` (default dy's).
 
@@ -645,7 +646,9 @@ def dw_triton(
     n_tasks = info.n_tasks
     if n_tasks == 0:
         return dy.new_zeros(info.shape, dtype=dtype)
-    splits = dw_splits(m, n_tasks, dy.device) if splits is None else splits
+    # The grid has a program per task slot (padding ones exit at once): split-K is sized for the tasks the expected
+    # density makes, since the real count is on the device and a replayed CUDA graph cannot change its grid anyway.
+    splits = dw_splits(m, max(1, round(n_tasks * density)), dy.device) if splits is None else splits
     chunk = _cdiv(_cdiv(m, splits), _DW_ALIGN) * _DW_ALIGN
     splits = _cdiv(m, chunk)
     atomic = splits > 1
@@ -734,16 +737,21 @@ def _forward(x, weight, bias, info: BlockMaskInfo, impl: str) -> tuple[torch.Ten
     return ops.fwd(x, w_op, bias, info), w_op
 
 
-def _weight_grad(dy, x, info: BlockMaskInfo, impl: str, dtype: torch.dtype, dense_wgrad: bool) -> torch.Tensor:
-    return (dy.t() @ x).to(dtype) if dense_wgrad else IMPLS[impl].dw(dy, x, info, dtype)
+def _weight_grad(dy, x, info: BlockMaskInfo, impl: str, dtype: torch.dtype, dense_wgrad: bool,
+                 density: float = 1.0) -> torch.Tensor:
+    if dense_wgrad:
+        return (dy.t() @ x).to(dtype)
+    if impl == "triton":
+        return dw_triton(dy, x, info, dtype, density=density)
+    return IMPLS[impl].dw(dy, x, info, dtype)
 
 
 class _BlockSparseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, info, impl, dense_wgrad):
+    def forward(ctx, x, weight, bias, info, impl, dense_wgrad, dw_density):
         y, w_op = _forward(x, weight, bias, info, impl)
         ctx.save_for_backward(x, w_op)
-        ctx.info, ctx.impl, ctx.dense_wgrad = info, impl, dense_wgrad
+        ctx.info, ctx.impl, ctx.dense_wgrad, ctx.dw_density = info, impl, dense_wgrad, dw_density
         ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
         return y
 
@@ -754,10 +762,10 @@ class _BlockSparseLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = IMPLS[ctx.impl].dx(dy, w_op, ctx.info)
         if ctx.needs_input_grad[1]:
-            dw = _weight_grad(dy, x, ctx.info, ctx.impl, ctx.w_dtype, ctx.dense_wgrad)
+            dw = _weight_grad(dy, x, ctx.info, ctx.impl, ctx.w_dtype, ctx.dense_wgrad, ctx.dw_density)
         if ctx.needs_input_grad[2]:
             db = dy.sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 # The same steps as torch.library ops, so that torch.compile traces a block-sparse linear as opaque nodes (shapes
@@ -793,16 +801,16 @@ def _fwd_fake(x, weight, bias, index, grid, block, impl):
     return x.new_empty(x.shape[0], weight.shape[0]), w_op
 
 
-def _bwd_impl(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, need_dx, need_dw):
+def _bwd_impl(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, dw_density, need_dx, need_dw):
     """(dX, dW), one op for both: a layer's backward then pays one op's dispatch and mask rebuild. A gradient not
     needed comes back empty (an op's outputs are tensors)."""
     info = BlockMaskInfo.from_tensors(index, grid, block)
     dx = IMPLS[impl].dx(dy, w_op, info) if need_dx else dy.new_empty(0)
-    dw = _weight_grad(dy, x, info, impl, dtype, dense_wgrad) if need_dw else dy.new_empty(0, dtype=dtype)
+    dw = _weight_grad(dy, x, info, impl, dtype, dense_wgrad, dw_density) if need_dw else dy.new_empty(0, dtype=dtype)
     return dx, dw
 
 
-def _bwd_fake(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, need_dx, need_dw):
+def _bwd_fake(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, dw_density, need_dx, need_dw):
     dx = dy.new_empty(dy.shape[0], grid[1] * block) if need_dx else dy.new_empty(0)
     dw = dy.new_empty(dy.shape[1], x.shape[1], dtype=dtype) if need_dw else dy.new_empty(0, dtype=dtype)
     return dx, dw
@@ -814,7 +822,7 @@ _fwd_op = _define(
 )
 _bwd_op = _define(
     f"block_sparse_bwd(Tensor dy, Tensor x, Tensor w_op, {_MASK_ARGS}, ScalarType dtype, bool dense_wgrad, "
-    "bool need_dx, bool need_dw) -> (Tensor, Tensor)",
+    "float dw_density, bool need_dx, bool need_dw) -> (Tensor, Tensor)",
     _bwd_impl,
     _bwd_fake,
 )
@@ -825,10 +833,10 @@ class _BlockSparseLinearOps(torch.autograd.Function):
     each."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, grid, block, impl, dense_wgrad, *index):
+    def forward(ctx, x, weight, bias, grid, block, impl, dense_wgrad, dw_density, *index):
         y, w_op = _fwd_op(x, weight, bias, list(index), grid, block, impl)
         ctx.save_for_backward(x, w_op, *index)
-        ctx.grid, ctx.block, ctx.impl, ctx.dense_wgrad = grid, block, impl, dense_wgrad
+        ctx.grid, ctx.block, ctx.impl, ctx.dense_wgrad, ctx.dw_density = grid, block, impl, dense_wgrad, dw_density
         ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
         return y
 
@@ -839,12 +847,13 @@ class _BlockSparseLinearOps(torch.autograd.Function):
         dx = dw = db = None
         if need_dx or need_dw:
             dx, dw = _bwd_op(
-                dy, x, w_op, index, ctx.grid, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad, need_dx, need_dw
+                dy, x, w_op, index, ctx.grid, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad, ctx.dw_density,
+                need_dx, need_dw,
             )
             dx, dw = dx if need_dx else None, dw if need_dw else None
         if need_db:
             db = dy.sum(0).to(ctx.b_dtype)
-        return dx, dw, db, None, None, None, None, *[None] * len(index)
+        return dx, dw, db, None, None, None, None, None, *[None] * len(index)
 
 
 def block_sparse_linear(
@@ -854,6 +863,7 @@ def block_sparse_linear(
     block_mask_info: BlockMaskInfo,
     backend: str = "auto",
     dense_wgrad: bool = False,
+    dw_density: float = 1.0,
 ) -> torch.Tensor:
     """y = x (W ⊙ M)ᵀ + bias with M the block mask expanded to elements, computing only nonzero blocks.
 
@@ -879,10 +889,11 @@ def block_sparse_linear(
         x2 = x2.contiguous()
     if torch.compiler.is_compiling():
         name = _choose_impl(backend, dev, weight.device.type)
-        y = _BlockSparseLinearOps.apply(x2, weight, bias, info.grid, info.block, name, dense_wgrad, *info.tensors())
+        y = _BlockSparseLinearOps.apply(x2, weight, bias, info.grid, info.block, name, dense_wgrad, dw_density,
+                                        *info.tensors())
     else:
         name = _impl_name(backend, dev, weight.device.type)
-        y = _BlockSparseLinearFn.apply(x2, weight, bias, info, name, dense_wgrad)
+        y = _BlockSparseLinearFn.apply(x2, weight, bias, info, name, dense_wgrad, dw_density)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -912,6 +923,7 @@ class BlockSparseLinear(nn.Linear):
         self.block = block
         self.backend = backend
         self.dense_wgrad = False
+        self.dw_density = 1.0  # the density dW's split-K is sized for (its grid is fixed: BlockMaskInfo)
         self.block_mask = torch.ones(out_features // block, in_features // block, dtype=torch.bool)
         self._info: BlockMaskInfo | None = None
 
@@ -936,7 +948,8 @@ class BlockSparseLinear(nn.Linear):
         return self._info
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_sparse_linear(x, self.weight, self.bias, self.block_mask_info(), self.backend, self.dense_wgrad)
+        return block_sparse_linear(x, self.weight, self.bias, self.block_mask_info(), self.backend, self.dense_wgrad,
+                                   self.dw_density)
 
     def extra_repr(self) -> str:
         density = self.block_mask.float().mean().item()

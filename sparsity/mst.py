@@ -434,7 +434,11 @@ class DST(Method):
         # from_dense adopts the parameter objects: the wte/lm_head tie and the state_dict names survive.
         make = lambda name, old: BlockSparseLinear.from_dense(old, self.cfg.block_size)
         swap_modules(model, list(modules), make)
-        return model, select_modules(model, self.shapes, kind=BlockSparseLinear)
+        swapped = select_modules(model, self.shapes, kind=BlockSparseLinear)
+        target = self._counts(self.cfg.sparsity)
+        for name, module in swapped.items():  # dW's split-K is sized for the density of the sparse phase
+            module.dw_density = max(target[name], 1) / self.units[name]
+        return model, swapped
 
     def _counts(self, sparsity: float) -> dict[str, int]:
         key = round(sparsity, 12)
