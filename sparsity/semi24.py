@@ -66,8 +66,9 @@ class Semi24Config:
     """Log the flip rate of every sparse layer besides the mean."""
     cuda_graph: bool = False
     """[ours, experimental, off: measured on the H100 at 0.43-0.90x of dense once the per-step repack is counted,
-    1.10-1.14x without it; see results/. Since the MLP became a custom op, its capture failed on the H100 in a GPU
-    test (tests/sparsity/test_semi24_compile.py, xfail): the MLPs then run eagerly, with a logged warning]
+    1.10-1.14x without it; see results/. Since the MLP became a custom op its capture fails on the H100 (GPU tests
+    in tests/kernels/test_semi24.py and tests/sparsity/test_semi24_compile.py, xfail): the MLPs then run eagerly,
+    with a logged warning. The 2of4 step is GPU-bound, so graphs would not speed it up]
     Replay each sparse MLP's fwd+bwd (c_fc -> GELU -> c_proj) from CUDA graphs,
     captured lazily after two eager micro-batches of a fixed shape. Only acts on CUDA with the cuSPARSELt backend (a
     no-op on CPU / 'ref'); a failed capture logs one warning and training continues eagerly. Costs GPU memory: each
