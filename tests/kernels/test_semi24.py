@@ -340,9 +340,13 @@ def _run_steps(mlp: s.SparseMLP24, steps: int, micro: int, d: int, refresh_at: i
     return ys, grads
 
 
-@pytest.mark.xfail(run=False, reason="H100, 2026-11-24: since the 2:4 layers became custom ops the graphed MLP is never "
-                   "captured (2of4.cuda_graph, experimental); the failed capture also poisons the CUDA generator for "
-                   "every later test of the process, so this is not run")
+_NEVER_CAPTURED = pytest.mark.xfail(
+    run=False, reason="H100, 2026-11-24: since the 2:4 layers became custom ops the graphed MLP is never captured "
+    "(2of4.cuda_graph, experimental); the failed capture also poisons the CUDA generator for every later test of the "
+    "process, so this is not run")
+
+
+@_NEVER_CAPTURED
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cusparselt", "auto"])  # auto: plans timed as graph replays
 def test_gpu_graphed_mlp_matches_eager_and_reference(backend):
@@ -364,9 +368,7 @@ def test_gpu_graphed_mlp_matches_eager_and_reference(backend):
             assert all(_rel(a, b) < 2e-2 for a, b in zip(ga, gb, strict=True))
 
 
-@pytest.mark.xfail(run=False, reason="H100, 2026-11-24: since the 2:4 layers became custom ops the graphed MLP is never "
-                   "captured (2of4.cuda_graph, experimental); the failed capture also poisons the CUDA generator for "
-                   "every later test of the process, so this is not run")
+@_NEVER_CAPTURED
 @pytest.mark.gpu
 def test_gpu_graphed_mvue_draws_change_per_micro_step_and_stay_unbiased():
     if not s.cusparselt_available():
