@@ -3,11 +3,13 @@
     python bench.py --config configs/gpt2.toml --methods dense,mst,2of4,sat --steps 30 --warmup 10
     python bench.py --config configs/gpt2.toml --methods dense --compile        # the 124M figure
     python bench.py --kernels                                                   # + kernel micro-benchmarks
+    python bench.py --config configs/mst-gpt2.toml --methods dense,mst --whole-run --set train.steps=3000 ...
 
 Each method runs the trainer's own step (train.setup / train.train_step) on random tokens (speed does not depend
 on the data), starting at `--at` of its schedule (so MST/SAT/2:4 are timed in their sparse phase), timed per step
 with CUDA events after warm-up, in back-to-back blocks of steps (no sync inside a block, as in training); the
-median over blocks and the 10th/90th percentiles are reported. Writes
+median over blocks and the 10th/90th percentiles are reported. `--whole-run` times every step of the schedule
+instead (`time_whole_run`): the figure for "finishes its token budget x times faster". Writes
 results/bench-<device>-<date>.json and a markdown table beside it. On the CPU it runs the same code with a host
 clock (for CI: no speed claims).
 """
@@ -125,6 +127,85 @@ def time_method(cfg, steps: int, warmup: int, at: float, repeats: int = 5) -> di
     return result
 
 
+def time_whole_run(cfg) -> dict:
+    """Every step of the schedule (0 .. train.steps-1) back to back, as a training run goes through them: the dense
+    warm-up, ramps, update steps and the tail all count. Each step is timed between CUDA events (no sync inside the
+    run). Steps in which dynamo compiled a graph, and the step after each (where reduce-overhead records its CUDA
+    graph), are "warm-up" steps: `wall_s` counts them as they ran; `steady_s` counts each at the median of the other
+    steps within 25 of it, the run's time once compiled (a long run's compile time is a constant, not a ratio).
+    Update-step graphs record at their second occurrence, which stays in `steady_s` (against the sparse method)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    data = RandomTokens(min(cfg.model.vocab_size, 50257), cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
+    run: Run = setup(cfg, data=data)
+    cuda = run.device.type == "cuda"
+    n = cfg.train.steps
+    marks, compiled, phases, flops = [], [], [], []
+    clock = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else time.perf_counter
+
+    def mark():
+        if not cuda:
+            return clock()
+        e = clock()
+        e.record()
+        return e
+
+    marks.append(mark())
+    for step in range(n):
+        graphs = counters["stats"]["unique_graphs"]
+        flops.append(train_step(run, step)[3])
+        marks.append(mark())
+        compiled.append(counters["stats"]["unique_graphs"] > graphs)
+        phases.append(run.method.phase(step) or "all")
+    if cuda:
+        marks[-1].synchronize()
+        ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:], strict=False)]
+    else:
+        ms = [1e3 * (b - a) for a, b in zip(marks, marks[1:], strict=False)]
+    warm = [c or (i > 0 and compiled[i - 1]) for i, c in enumerate(compiled)]
+    steady = list(ms)
+    for i in (i for i, w in enumerate(warm) if w):
+        near = [ms[j] for j in range(max(0, i - 25), min(n, i + 26)) if not warm[j]]
+        steady[i] = statistics.median(near) if near else ms[i]
+    per_phase: dict[str, dict] = {}
+    for p, t, st in zip(phases, ms, steady, strict=True):
+        d = per_phase.setdefault(p, {"steps": 0, "wall_s": 0.0, "steady_s": 0.0})
+        d["steps"] += 1
+        d["wall_s"] += t / 1e3
+        d["steady_s"] += st / 1e3
+    dense_tok = dense_flops_per_token(cfg.model)
+    steady_s = sum(steady) / 1e3
+    device_name = torch.cuda.get_device_name(run.device) if cuda else "cpu"
+    peak = peak_flops(device_name)
+    tok_per_s = run.tokens_per_step * n / steady_s
+    result = {
+        "method": cfg.method,
+        "device": device_name,
+        "torch": torch.__version__,
+        "whole_run": True,
+        "steps": n,
+        "tokens_per_step": run.tokens_per_step,
+        "wall_s": sum(ms) / 1e3,
+        "steady_s": steady_s,
+        "warmup_steps": sum(warm),
+        "graphs": int(sum(compiled)),
+        "ms_per_step": 1e3 * steady_s / n,
+        "ms_p10": statistics.quantiles(steady, n=10)[0] if n >= 2 else steady[0],
+        "ms_p90": statistics.quantiles(steady, n=10)[-1] if n >= 2 else steady[0],
+        "tok_per_s": tok_per_s,
+        "mfu": tok_per_s * dense_tok / peak if peak else None,
+        "flops_per_token": sum(flops) / n / run.tokens_per_step,
+        "flops_ratio": sum(flops) / n / run.tokens_per_step / dense_tok,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
+        "per_phase": per_phase,
+    }
+    del run
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
 def run_kernel_benches(names: list[str], out_dir: Path, stamp: str) -> dict:
     results = {}
     for name in names:
@@ -149,6 +230,8 @@ def write_results(rows: list[dict], out: Path, stamp: str, command: str, config,
     dense = next((r for r in ok if r["method"] == "dense"), None)
     for r in ok:
         r["speedup"] = r["tok_per_s"] / dense["tok_per_s"] if dense else None
+        if dense and "wall_s" in r:  # whole runs: the same steps, so the time ratio, with and without compiling
+            r["wall_speedup"] = dense["wall_s"] / r["wall_s"]
         r["config"] = str(config) if config else None
         r["command"] = command
     device = (ok[0]["device"] if ok else "unknown").replace(" ", "_")
@@ -170,6 +253,15 @@ def markdown(rows: list[dict], command: str) -> str:
         lines.append(f"| {r['method']} | {r['ms_per_step']:.1f} ({r['ms_p10']:.1f}–{r['ms_p90']:.1f}) | "
                      f"{r['tok_per_s']:,.0f} | {r['speedup']:.2f}x | {mfu} | {r['flops_per_token'] / 1e6:.0f}M "
                      f"({r['flops_ratio']:.2f}) | {mem} |")
+    whole = [r for r in rows if "wall_s" in r]
+    if whole:
+        lines += ["", "Whole run (every step of the schedule; steady = compile and graph-recording steps at their "
+                  "neighbours' median):", "", "| method | steps | wall s (x dense) | steady s (x dense) | graphs | "
+                  "per phase: steps, steady s |", "|---|---|---|---|---|---|"]
+        for r in whole:
+            phases = "; ".join(f"{p} {d['steps']}, {d['steady_s']:.1f}" for p, d in r["per_phase"].items())
+            lines.append(f"| {r['method']} | {r['steps']} | {r['wall_s']:.1f} ({r.get('wall_speedup') or 0:.2f}x) | "
+                         f"{r['steady_s']:.1f} ({r['speedup'] or 0:.2f}x) | {r['graphs']} | {phases} |")
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +277,8 @@ def main(
     kernels: str = typer.Option("", help=f"also run kernel benchmarks: all or a subset of {','.join(KERNEL_BENCHES)}"),
     out: Path = typer.Option(Path("results"), help="folder for bench-<device>-<date>.json/.md"),
     tag: str = typer.Option("", help="suffix for the output file names"),
+    whole_run: bool = typer.Option(False, "--whole-run", help="time every step of train.steps instead (the whole "
+                                   "schedule: warm-up, ramps, update steps, dense tail); --steps/--warmup/--at unused"),
 ) -> None:
     """Benchmark training steps of each method against dense (tok/s, ms/step, MFU, FLOPs, memory)."""
     names = ["dense"] + [m for m in methods.split(",") if m and m != "dense"]
@@ -199,9 +293,10 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for cfg in cfgs:
-        console.print(f"[bold]{cfg.method}[/bold]: {warmup} warm-up + {steps} timed steps")
+        what = f"all {cfg.train.steps} steps" if whole_run else f"{warmup} warm-up + {steps} timed steps"
+        console.print(f"[bold]{cfg.method}[/bold]: {what}")
         try:
-            rows.append(time_method(cfg, steps, warmup, at))
+            rows.append(time_whole_run(cfg) if whole_run else time_method(cfg, steps, warmup, at))
         except Exception as e:  # noqa: BLE001 (one broken method must not lose the others)
             console.print(f"[red]{cfg.method} failed:[/red] {type(e).__name__}: {e}")
             rows.append({"method": cfg.method, "error": f"{type(e).__name__}: {e}"})

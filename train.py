@@ -153,7 +153,12 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
         scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"][0])
 
-    train_model = torch.compile(model, mode=t.compile_mode) if t.compile and device.type == "cuda" else model
+    train_model = model
+    if t.compile and device.type == "cuda":
+        # dynamo's default limit (8 graphs a frame) would run the rest of a long MST-block run eagerly
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, method.compiled_graphs())
+        train_model = torch.compile(model, mode=t.compile_mode)
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * dist.world_size

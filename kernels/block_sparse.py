@@ -903,6 +903,13 @@ class BlockSparseLinear(nn.Linear):
     The mask is a plain attribute (the sparsity method checkpoints it); `set_block_mask` builds its index lists on
     the weight's device (a forward rebuilds them if the module has moved since: under torch.compile that would be a
     graph break, so set masks after moving). `dense_wgrad = True` makes the next backwards return the dense dW.
+
+    `dense_path = True` runs plain F.linear on the weight as it is, for a caller that keeps the weight at exact zero
+    off the mask and masks its gradient itself (MST does both every step): the forward and dX are then the block
+    path's products, computed by cuBLAS, and dW is the dense gradient (what `dense_wgrad` asks for). Above about half
+    density the block kernels are slower than the dense GEMM (they run every nonzero block as a b-wide tile), so
+    MST sends its near-dense layers (the warm-up and restoration) this way. Under torch.compile the flag is guarded:
+    flipping it compiles another graph.
     """
 
     def __init__(
@@ -923,6 +930,7 @@ class BlockSparseLinear(nn.Linear):
         self.block = block
         self.backend = backend
         self.dense_wgrad = False
+        self.dense_path = False
         self.dw_density = 1.0  # the density dW's split-K is sized for (its grid is fixed: BlockMaskInfo)
         self.block_mask = torch.ones(out_features // block, in_features // block, dtype=torch.bool)
         self._info: BlockMaskInfo | None = None
@@ -948,9 +956,12 @@ class BlockSparseLinear(nn.Linear):
         return self._info
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_path:
+            return F.linear(x, self.weight, self.bias)
         return block_sparse_linear(x, self.weight, self.bias, self.block_mask_info(), self.backend, self.dense_wgrad,
                                    self.dw_density)
 
     def extra_repr(self) -> str:
         density = self.block_mask.float().mean().item()
-        return f"{super().extra_repr()}, block={self.block}, block_density={density:.3f}"
+        path = ", dense_path" if self.dense_path else ""
+        return f"{super().extra_repr()}, block={self.block}, block_density={density:.3f}{path}"

@@ -74,6 +74,16 @@ class Method:
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """After the optimizer step (or the skipped one)."""
 
+    def phase(self, step: int) -> str:
+        """The schedule's phase at `step` (e.g. MST's warmup / sparse / restore), for per-phase timings; "" if one."""
+        return ""
+
+    def compiled_graphs(self) -> int:
+        """The most graphs a compiled run of this method may build over its schedule: each state of the attributes
+        the compiled model reads (a layer's kernel path, the attention kind, update steps) is a graph of its own.
+        The trainer raises dynamo's recompile limit to it, so a long run never falls back to eager midway."""
+        return 1
+
     def eval_mode(self, model: nn.Module) -> nn.Module:
         """The module to use for validation and sampling (SAT evaluates dense; masks stay applied for MST)."""
         return model

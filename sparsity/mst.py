@@ -40,6 +40,7 @@ from sparsity.base import Method
 from sparsity.swap import select_modules, swap_modules
 
 PHASE_WARMUP, PHASE_SPARSE, PHASE_RESTORE = 0, 1, 2
+PHASE_NAMES = ("warmup", "sparse", "restore")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,13 +108,17 @@ class DSTConfig:
     """'element' (unstructured, the paper) or 'block': the same schedule and rules on block_size² tiles."""
     block_size: int = 64
     """Tile edge for granularity='block'; every sparse weight's dimensions must be multiples of it."""
+    block_dense_above: float = 0.5
+    """granularity='block': a layer whose block density is above this runs as a dense GEMM on its masked weight
+    (same products; the block kernels are slower than cuBLAS there: ours, from the H200 crossover, ~1.0x at 0.5 and
+    0.6-0.75x at 0.75-1.0). 1 = always the block kernels."""
 
     def __post_init__(self) -> None:
         s = self.section
         for knob in ("sparsity", "initial_sparsity", "final_sparsity"):
             if not 0.0 <= getattr(self, knob) < 1.0:
                 raise ValueError(f"{s}.{knob} must be in [0, 1), got {getattr(self, knob)}")
-        for knob in ("warmup_frac", "restore_frac", "hsa_start", "hsa_end", "random_frac", "zeta"):
+        for knob in ("warmup_frac", "restore_frac", "hsa_start", "hsa_end", "random_frac", "zeta", "block_dense_above"):
             if not 0.0 <= getattr(self, knob) <= 1.0:
                 raise ValueError(f"{s}.{knob} must be in [0, 1], got {getattr(self, knob)}")
         if self.warmup_frac + self.restore_frac > 1.0:
@@ -463,9 +468,17 @@ class DST(Method):
         self.masks = [self._element_mask(k, unit_masks[k], w.dtype) for k, w in pairs]
         if self.cfg.granularity == "block":
             b = self.cfg.block_size
+            dense = self._dense_paths(self.n_on)
             for k, module in self.modules.items():
                 o, i = self.shapes[k]
                 module.set_block_mask(unit_masks[k].view(o // b, i // b))
+                module.dense_path = dense[k]
+
+    def _dense_paths(self, n_on: Mapping[str, int]) -> dict[str, bool]:
+        """Which block layers run as dense GEMMs at these block counts (block_dense_above). The weights are exact
+        zeros off the mask after every step and their gradients are masked after backward, so both paths train the
+        same; FLOPs are still counted at the mask's density (§7), as for element masks that also run dense."""
+        return {k: n / self.units[k] > self.cfg.block_dense_above for k, n in n_on.items()}
 
     def _element_mask(self, name: str, unit_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(out, in) 0/1 mask in `dtype` from a flat unit mask (blocks expanded to their tiles)."""
@@ -508,6 +521,23 @@ class DST(Method):
         for block in self.blocks:
             block.attn.attend = attend
         self._hsa_on = on
+
+    def phase(self, step: int) -> str:
+        return PHASE_NAMES[self.schedule.phase(step)]
+
+    def compiled_graphs(self) -> int:
+        """One graph per (layer paths, HSA on, update step) state the schedule passes through: the masks change only
+        at update steps and HSA at its two bounds, so those steps and the ones after them see every state."""
+        s, cfg = self.schedule, self.cfg
+        block = cfg.granularity == "block"
+        steps = {0, math.ceil(cfg.hsa_start * s.total), math.ceil(cfg.hsa_end * s.total)}
+        if cfg.delta_t > 0:
+            steps |= {u + k for u in range(cfg.delta_t, s.total, cfg.delta_t) for k in (0, 1)}
+        states = set()
+        for t in sorted(x for x in steps if x < s.total):
+            paths = tuple(self._dense_paths(self._counts(s.mask_sparsity(t))).values()) if block else ()
+            states.add((paths, s.hsa_on(t), block and s.is_update(t)))
+        return len(states)
 
     def flop_profile(self, step: int) -> FlopProfile:
         density = {k: self.n_on[k] / self.units[k] for k in self.modules}

@@ -19,6 +19,9 @@ CASES = {  # name: (method, overrides)
     "dense": ("dense", []),
     "mst": ("mst", MST),
     "mst-block": ("mst", [*MST, "mst.granularity=block", "mst.block_size=32"]),  # mask updates change the lists
+    # the warm-up's updates move layers from the dense path (F.linear) to the block kernels: other graphs
+    "mst-block-ramp": ("mst", ["mst.warmup_frac=0.4", "mst.delta_t=2", "mst.hsa_stride=16", "mst.hsa_end=0.6",
+                               "mst.granularity=block", "mst.block_size=32"]),
     "sat": ("sat", ["sat.warmup_frac=0", "sat.lors_frac=0.6", "sat.lors_rungs=2"]),
 }
 
@@ -33,7 +36,10 @@ def _losses(root, method: str, mode: str, extra: list[str]) -> tuple[list[float]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case,grad_accum", [("dense", 1), ("dense", 2), ("mst", 2), ("mst-block", 1), ("sat", 2)])
+@pytest.mark.parametrize(
+    "case,grad_accum",
+    [("dense", 1), ("dense", 2), ("mst", 2), ("mst-block", 1), ("mst-block-ramp", 1), ("sat", 2)],
+)
 def test_reduce_overhead_trains_what_default_trains(tmp_path, case, grad_accum):
     method, overrides = CASES[case]
     extra = [*overrides, f"train.grad_accum={grad_accum}"]

@@ -14,7 +14,7 @@ import typer
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench import RandomTokens
+from bench import RandomTokens, for_method
 from core.config import load_config
 from train import setup, train_step
 
@@ -32,7 +32,7 @@ def main(
 ) -> None:
     """Print the top CUDA kernels and host ops of one profiled step per method."""
     for name in methods.split(","):
-        cfg = load_config(config, name, list(set_))
+        cfg = load_config(config, name, for_method(list(set_), name))
         run = setup(cfg, data=RandomTokens(50257, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed))
         for s in range(at, at + warmup):
             train_step(run, s)

@@ -168,6 +168,33 @@ def test_module_keeps_linear_names_and_matches_reference():
         build_block_mask_info(mask, 16)
 
 
+def test_dense_path_is_the_block_path_on_a_weight_zero_off_the_mask():
+    """dense_path runs F.linear on the weight: with the weight zero off the mask (as MST keeps it) the output and dX
+    are the block path's, and dW is the dense gradient, the block path's dense_wgrad one."""
+    mask = _random_mask(3, 2, 0.5)
+    mods = []
+    for dense in (False, True):
+        torch.manual_seed(0)
+        mod = BlockSparseLinear(64, 96, block=32)
+        mod.set_block_mask(mask)
+        with torch.no_grad():
+            mod.weight.mul_(expand_block_mask(mask, 32))
+        mod.dense_path, mod.dense_wgrad = dense, True
+        mods.append(mod)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for mod in mods:
+        xi = x.clone().requires_grad_()
+        y = mod(xi)
+        y.backward(dy)
+        grads.append((y, xi.grad, mod.weight.grad, mod.bias.grad))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(mods[1].weight.grad, dy.t() @ x)
+    assert "dense_path" in repr(mods[1]) and "dense_path" not in repr(mods[0])
+
+
 def test_autocast_keeps_fp32_masters_and_grads_in_their_dtype():
     """Under autocast the op sees F.linear's bf16 operands, returns bf16, and the fp32 weight/bias get fp32 grads
     (the Triton path writes dW in the weight's dtype; the reference goes through the same autograd function)."""

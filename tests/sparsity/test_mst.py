@@ -473,7 +473,8 @@ def test_block_granularity_compiles_to_one_graph():
     (new index tensors, new lengths) recompile neither. HSA is on, as early in an MST run."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    cfg = MSTConfig(granularity="block", block_size=32, delta_t=2, warmup_frac=0.5, restore_frac=0.0, hsa_stride=4)
+    cfg = MSTConfig(granularity="block", block_size=32, delta_t=2, warmup_frac=0.5, restore_frac=0.0, hsa_stride=4,
+                    block_dense_above=1.0)  # the block kernels even at the dense start
     runs = [build(MST, cfg, 10), build(MST, cfg, 10)]
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
@@ -498,6 +499,51 @@ def test_block_granularity_compiles_to_one_graph():
         n_on.add(tuple(runs[1][1].n_on.values()))
     assert len(n_on) >= 3 and min(min(c) for c in n_on) == 1  # the counts did change, down to a single block
     assert runs[1][1]._hsa_on and counter.frame_count == 2
+
+
+def test_block_layers_above_the_dense_threshold_run_dense_and_train_the_same():
+    """block_dense_above: a layer denser than it runs F.linear (dense start, the ramps' first stairs), a sparser one
+    the block kernels. Both train the same: on the CPU the block path is the masked dense matmul and the weights are
+    exact zeros off the mask, so the runs agree bit for bit, through updates that cross the threshold."""
+    base = dict(granularity="block", block_size=32, delta_t=2, warmup_frac=0.5, restore_frac=0.3, hsa_stride=4)
+    runs = {thr: build(MST, MSTConfig(**base, block_dense_above=thr), 10) for thr in (0.5, 1.0)}
+    paths = set()
+    for step in range(10):
+        losses = {}
+        for thr, (model, method, opt) in runs.items():
+            losses[thr] = method_step(model, method, opt, step, [(batch(step, 0), batch(step, 0))])[0]
+            for name, module in method.modules.items():
+                density = method.n_on[name] / method.units[name]
+                assert module.dense_path == (density > thr)
+        paths.add(tuple(m.dense_path for m in runs[0.5][1].modules.values()))
+        assert losses[0.5] == losses[1.0]
+    (m1, meth1, _), (m2, meth2, _) = runs.values()
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters(), strict=True))
+    assert all(torch.equal(meth1.unit_masks[k], meth2.unit_masks[k]) for k in meth1.unit_masks)
+    assert len(paths) >= 2  # the threshold was crossed: some steps ran dense layers, some block ones
+    with pytest.raises(ValueError, match=r"mst\.block_dense_above must be in \[0, 1\]"):
+        MSTConfig(block_dense_above=1.5)
+
+
+@pytest.mark.slow  # ~10 compiles with aot_eager, ~10 s on 2 CPU cores
+def test_compiled_graphs_bounds_what_a_compiled_run_builds():
+    """The trainer raises dynamo's recompile limit to Method.compiled_graphs(): it must be at least the number of
+    graphs a compiled run really builds over its whole schedule (dense start, ramps crossing block_dense_above,
+    update steps, HSA switching off), else the rest of the run would silently go eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    cfg = MSTConfig(granularity="block", block_size=32, delta_t=2, warmup_frac=0.4, restore_frac=0.3, hsa_end=0.6,
+                    hsa_stride=4)
+    model, method, opt = build(MST, cfg, 14)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        for step in range(14):
+            method_step(compiled, method, opt, step, [(batch(step, 0), batch(step, 0))])
+    assert counter.frame_count >= 4  # dense, block and mixed layers, update steps and both attentions were seen
+    assert counter.frame_count <= method.compiled_graphs() <= counter.frame_count + 4
+    assert Static(StaticConfig(), TINY, 14).compiled_graphs() == 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -574,7 +620,8 @@ def test_block_granularity_compiled_cuda():
     from torch._dynamo.testing import CompileCounterWithBackend
 
     mc = GPTConfig(preset="tiny", vocab_size=128, block_size=64)
-    cfg = MSTConfig(granularity="block", block_size=32, delta_t=2, warmup_frac=0.5, restore_frac=0.0, hsa_stride=16)
+    cfg = MSTConfig(granularity="block", block_size=32, delta_t=2, warmup_frac=0.5, restore_frac=0.0, hsa_stride=16,
+                    block_dense_above=1.0)  # the block kernels even at the dense start
 
     def make():
         torch.manual_seed(0)
