@@ -199,6 +199,8 @@ def time_whole_run(cfg) -> dict:
         "flops_ratio": sum(flops) / n / run.tokens_per_step / dense_tok,
         "peak_mem_gb": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
         "per_phase": per_phase,
+        "step_ms": [round(t, 3) for t in ms],  # as run, compile steps included (warm: `warmup_steps`)
+        "warm_steps": [i for i, w in enumerate(warm) if w],
     }
     del run
     if cuda:

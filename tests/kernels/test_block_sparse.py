@@ -168,6 +168,22 @@ def test_module_keeps_linear_names_and_matches_reference():
         build_block_mask_info(mask, 16)
 
 
+def test_set_block_mask_rewrites_the_same_index_tensors():
+    """A mask update writes the new lists into the tensors the module already holds (a CUDA-graph replay reads them
+    at their recorded addresses), and they equal a fresh build: the forward is the new mask's."""
+    mod = BlockSparseLinear(64, 96, block=32)
+    mod.set_block_mask(_random_mask(3, 2, 0.5))
+    ptrs = [t.data_ptr() for t in mod.block_mask_info().tensors()]
+    mask = ~mod.block_mask
+    mod.set_block_mask(mask)
+    info, fresh = mod.block_mask_info(), build_block_mask_info(mask, 32)
+    assert [t.data_ptr() for t in info.tensors()] == ptrs
+    assert all(torch.equal(a, b) for a, b in zip(info.tensors(), fresh.tensors(), strict=True))
+    assert info.n_blocks == fresh.n_blocks and torch.equal(info.mask, mask)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(mod(x), F.linear(x, mod.weight * expand_block_mask(mask, 32), mod.bias))
+
+
 def test_dense_path_is_the_block_path_on_a_weight_zero_off_the_mask():
     """dense_path runs F.linear on the weight: with the weight zero off the mask (as MST keeps it) the output and dX
     are the block path's, and dW is the dense gradient, the block path's dense_wgrad one."""
