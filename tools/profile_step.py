@@ -26,7 +26,9 @@ def main(
     config: str = typer.Option(None, "--config"),
     methods: str = "dense",
     set_: list[str] = typer.Option([], "--set"),
-    at: int = typer.Option(300, help="first step (inside the sparse phase)"),
+    at: int = typer.Option(300, help="first step (inside the sparse phase). MST's masks change only at update "
+                           "steps (every mst.delta_t), so start at one, as the default 300 is: the warm-up then "
+                           "installs the scheduled masks (from 304, say, the steps would run the dense start's)"),
     warmup: int = 5,
     rows: int = 25,
 ) -> None:
