@@ -525,6 +525,25 @@ def test_block_layers_above_the_dense_threshold_run_dense_and_train_the_same():
         MSTConfig(block_dense_above=1.5)
 
 
+def test_block_grads_are_zero_off_the_mask_without_a_masking_pass():
+    """after_backward leaves the block kernels' gradients alone (their dW is zero on empty blocks) and masks the
+    rest: lm_head's, which is wte's and carries the embedding's dense rows, and dense-path layers'. Every gradient
+    the optimizer sees is zero off the mask either way."""
+    cfg = MSTConfig(granularity="block", block_size=32, delta_t=3, warmup_frac=0.0, restore_frac=0.0, sparsity=0.5,
+                    hsa_end=0.0, block_dense_above=0.6)
+    model, method, opt = build(MST, cfg, 6)
+    skipped = [k for k, need in zip(method.modules, method._mask_grad, strict=True) if not need]
+    assert "lm_head" in method._shared and "lm_head" not in skipped and skipped
+    assert all(not method.modules[k].dense_path for k in skipped)
+
+    def check(where, step, *_):
+        if where == "after_backward" and not method.schedule.is_update(step):
+            for w, m in zip(method.weights, method.masks, strict=True):
+                assert (w.grad[m == 0] == 0).all()
+
+    train(model, method, opt, 0, 6, check=check)
+
+
 @pytest.mark.slow  # ~10 compiles with aot_eager, ~10 s on 2 CPU cores
 def test_compiled_graphs_bounds_what_a_compiled_run_builds():
     """The trainer raises dynamo's recompile limit to Method.compiled_graphs(): it must be at least the number of
