@@ -64,12 +64,40 @@ class RandomTokens:
         return self._cache[key]
 
 
-def time_method(cfg, steps: int, warmup: int, at: float, repeats: int = 5) -> dict:
+def fresh_run(cfg) -> Run:
     # Each method compiles from scratch: dynamo's per-code-object cache is shared by every model in the process,
     # and once it is full later models silently run eager (measured: 0.7x "slowdowns" that were eager steps).
     torch._dynamo.reset()
     data = RandomTokens(min(cfg.model.vocab_size, 50257), cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
-    run: Run = setup(cfg, data=data)
+    return setup(cfg, data=data)
+
+
+def result_row(cfg, run: Run, ms_per_step: float, flops: list[float], step_ms: list[float]) -> dict:
+    """The fields every row has: speed (tok/s, dense-equivalent MFU), FLOPs and memory; ms p10/p90 over step_ms."""
+    cuda = run.device.type == "cuda"
+    q = statistics.quantiles(step_ms, n=10) if len(step_ms) >= 2 else [step_ms[0]] * 9
+    tok_per_s = run.tokens_per_step / (ms_per_step / 1e3)
+    dense_tok = dense_flops_per_token(cfg.model)
+    device_name = torch.cuda.get_device_name(run.device) if cuda else "cpu"
+    peak = peak_flops(device_name)
+    return {
+        "method": cfg.method,
+        "device": device_name,
+        "torch": torch.__version__,
+        "tokens_per_step": run.tokens_per_step,
+        "ms_per_step": ms_per_step,
+        "ms_p10": q[0],
+        "ms_p90": q[-1],
+        "tok_per_s": tok_per_s,
+        "mfu": tok_per_s * dense_tok / peak if peak else None,  # dense-equivalent: same yardstick for every method
+        "flops_per_token": statistics.mean(flops) / run.tokens_per_step,
+        "flops_ratio": statistics.mean(flops) / run.tokens_per_step / dense_tok,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
+    }
+
+
+def time_method(cfg, steps: int, warmup: int, at: float, repeats: int = 5) -> dict:
+    run = fresh_run(cfg)
     cuda = run.device.type == "cuda"
     start = int(at * cfg.train.steps)
     if start + warmup + steps > cfg.train.steps:
@@ -99,28 +127,8 @@ def time_method(cfg, steps: int, warmup: int, at: float, repeats: int = 5) -> di
             times.append(t0.elapsed_time(t1) / block)
         else:
             times.append(1e3 * (time.perf_counter() - h0) / block)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    med = statistics.median(times)
-    tok_per_s = run.tokens_per_step / (med / 1e3)
-    dense_tok = dense_flops_per_token(cfg.model)
-    device_name = torch.cuda.get_device_name(run.device) if cuda else "cpu"
-    peak = peak_flops(device_name)
-    result = {
-        "method": cfg.method,
-        "device": device_name,
-        "torch": torch.__version__,
-        "tokens_per_step": run.tokens_per_step,
-        "ms_per_step": med,
-        "ms_p10": q[0],
-        "ms_p90": q[-1],
-        "tok_per_s": tok_per_s,
-        "mfu": tok_per_s * dense_tok / peak if peak else None,  # dense-equivalent: same yardstick for every method
-        "flops_per_token": statistics.mean(flops) / run.tokens_per_step,
-        "flops_ratio": statistics.mean(flops) / run.tokens_per_step / dense_tok,
-        "peak_mem_gb": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
-        "timed_steps": [start + warmup, step],
-        "repeats": repeats,
-    }
+    result = result_row(cfg, run, statistics.median(times), flops, times)
+    result |= {"timed_steps": [start + warmup, step], "repeats": repeats}
     del run
     if cuda:
         torch.cuda.empty_cache()
@@ -136,9 +144,7 @@ def time_whole_run(cfg) -> dict:
     Update-step graphs record at their second occurrence, which stays in `steady_s` (against the sparse method)."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    data = RandomTokens(min(cfg.model.vocab_size, 50257), cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
-    run: Run = setup(cfg, data=data)
+    run = fresh_run(cfg)
     cuda = run.device.type == "cuda"
     n = cfg.train.steps
     marks, compiled, phases, flops = [], [], [], []
@@ -174,30 +180,14 @@ def time_whole_run(cfg) -> dict:
         d["steps"] += 1
         d["wall_s"] += t / 1e3
         d["steady_s"] += st / 1e3
-    dense_tok = dense_flops_per_token(cfg.model)
-    steady_s = sum(steady) / 1e3
-    device_name = torch.cuda.get_device_name(run.device) if cuda else "cpu"
-    peak = peak_flops(device_name)
-    tok_per_s = run.tokens_per_step * n / steady_s
-    result = {
-        "method": cfg.method,
-        "device": device_name,
-        "torch": torch.__version__,
+    result = result_row(cfg, run, sum(steady) / n, flops, steady)  # tok/s and speedup: the steady time
+    result |= {
         "whole_run": True,
         "steps": n,
-        "tokens_per_step": run.tokens_per_step,
         "wall_s": sum(ms) / 1e3,
-        "steady_s": steady_s,
+        "steady_s": sum(steady) / 1e3,
         "warmup_steps": sum(warm),
         "graphs": int(sum(compiled)),
-        "ms_per_step": 1e3 * steady_s / n,
-        "ms_p10": statistics.quantiles(steady, n=10)[0] if n >= 2 else steady[0],
-        "ms_p90": statistics.quantiles(steady, n=10)[-1] if n >= 2 else steady[0],
-        "tok_per_s": tok_per_s,
-        "mfu": tok_per_s * dense_tok / peak if peak else None,
-        "flops_per_token": sum(flops) / n / run.tokens_per_step,
-        "flops_ratio": sum(flops) / n / run.tokens_per_step / dense_tok,
-        "peak_mem_gb": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
         "per_phase": per_phase,
         "step_ms": [round(t, 3) for t in ms],  # as run, compile steps included (warm: `warmup_steps`)
         "warm_steps": [i for i, w in enumerate(warm) if w],

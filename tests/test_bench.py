@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
@@ -31,3 +33,22 @@ def test_bench_bad_method_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "bench.py", "--methods", "nope", "--out", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown method 'nope'" in result.stderr
+
+
+def test_bench_whole_run_times_every_step_by_phase(tmp_path):
+    cmd = [sys.executable, "bench.py", "--methods", "mst", "--whole-run", "--out", str(tmp_path), "--tag", "w",
+           "--set", "model.preset=tiny", "--set", "model.block_size=32", "--set", "model.vocab_size=256",
+           "--set", "train.batch_size=2", "--set", "train.device=cpu", "--set", "train.steps=30",
+           "--set", "mst.delta_t=5", "--set", "mst.granularity=block", "--set", "mst.block_size=32"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads(next(tmp_path.glob("bench-cpu-*-w.json")).read_text())["rows"]}
+    dense, mst = rows["dense"], rows["mst"]
+    assert list(dense["per_phase"]) == ["all"] and dense["per_phase"]["all"]["steps"] == 30
+    assert {p: d["steps"] for p, d in mst["per_phase"].items()} == {"warmup": 3, "sparse": 24, "restore": 3}
+    for r in rows.values():
+        assert len(r["step_ms"]) == 30 and r["graphs"] == 0 and r["warm_steps"] == []  # eager on the CPU
+        assert r["steady_s"] == pytest.approx(r["wall_s"]) == pytest.approx(sum(r["step_ms"]) / 1e3, rel=1e-3)
+        assert r["wall_speedup"] == pytest.approx(dense["wall_s"] / r["wall_s"])
+    assert 0.1 < mst["flops_ratio"] < 0.5  # dense start and restoration end, ultra-sparse between
+    assert "| mst | 30 |" in next(tmp_path.glob("bench-cpu-*-w.md")).read_text()
