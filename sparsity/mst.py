@@ -109,6 +109,11 @@ class DSTConfig:
     """'element' (unstructured, the paper) or 'block': the same schedule and rules on block_size² tiles."""
     block_size: int = 64
     """Tile edge for granularity='block'; every sparse weight's dimensions must be multiples of it."""
+    block_lm_head: bool = False
+    """granularity='block': tile the tied lm_head/wte too (fastest: its GEMMs are 27% of GPT-2 124M's). Off (ours):
+    it keeps element masks on a dense GEMM, because tiles of it drop whole groups of block_size tokens, embedding
+    and logits both (a CPU test, mini GPT on bytes, 90%: val loss 4.1 against 2.1 with a dense lm_head and 1.8 for
+    element MST)."""
     block_dense_above: float = 0.5
     """granularity='block': a layer whose block density is above this runs as a dense GEMM on its masked weight
     (same products; the block kernels are slower than cuBLAS there: ours, from the H200 crossover, ~1.0x at 0.5 and
@@ -352,9 +357,15 @@ def sparse_shapes(model_cfg: GPTConfig, cfg: DSTConfig) -> dict[str, tuple[int, 
     return {k: (o, i) for k, (i, o) in linear_shapes(model_cfg).items() if cfg.include_lm_head or k != "lm_head"}
 
 
+def tiles(shapes: Mapping[str, tuple[int, int]], cfg: DSTConfig) -> dict[str, int]:
+    """The mask unit's edge per layer: block_size for the block layers, 1 (elements) for the rest."""
+    block = cfg.granularity == "block"
+    return {k: cfg.block_size if block and (k != "lm_head" or cfg.block_lm_head) else 1 for k in shapes}
+
+
 def _units(shapes: Mapping[str, tuple[int, int]], cfg: DSTConfig) -> dict[str, int]:
-    b = cfg.block_size if cfg.granularity == "block" else 1
-    return {k: (o // b) * (i // b) for k, (o, i) in shapes.items()}
+    b = tiles(shapes, cfg)
+    return {k: (o // b[k]) * (i // b[k]) for k, (o, i) in shapes.items()}
 
 
 def _profile(density: Mapping[str, float], update: bool, attn: float) -> FlopProfile:
@@ -393,9 +404,10 @@ class DST(Method):
             )
         self.schedule = DSTSchedule(cfg, total_steps)
         self.shapes = sparse_shapes(model_cfg, cfg)
+        self.tile = tiles(self.shapes, cfg)
         self.units = _units(self.shapes, cfg)
         if cfg.granularity == "block":
-            bad = [k for k, (o, i) in self.shapes.items() if o % cfg.block_size or i % cfg.block_size]
+            bad = [k for k, (o, i) in self.shapes.items() if o % self.tile[k] or i % self.tile[k]]
             if bad:
                 raise ValueError(f"{cfg.section}.block_size={cfg.block_size} does not divide the weights of {bad}")
         self._counts_cache: dict[float, dict[str, int]] = {}
@@ -413,6 +425,7 @@ class DST(Method):
         if self.cfg.granularity == "block":
             model, modules = self._swap_block_sparse(model, modules)
         self.modules = modules
+        self.block_modules = {k: m for k, m in modules.items() if self.tile[k] > 1}
         self.weights = [m.weight for m in modules.values()]
         # Weights another module also uses (lm_head's is wte's): their gradients carry that module's part too.
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
@@ -428,7 +441,7 @@ class DST(Method):
             if self.cfg.init == "random":
                 score = torch.rand(self.units[name], generator=self.generator, device=device)
             else:
-                score = self._scores(w.detach())
+                score = self._scores(name, w.detach())
             mask = torch.zeros(self.units[name], dtype=torch.bool, device=device)
             mask[_top(score, counts[name])] = True
             unit_masks[name] = mask
@@ -441,13 +454,14 @@ class DST(Method):
         from kernels.block_sparse import BlockSparseLinear
 
         # from_dense adopts the parameter objects: the wte/lm_head tie and the state_dict names survive.
-        make = lambda name, old: BlockSparseLinear.from_dense(old, self.cfg.block_size)
-        swap_modules(model, list(modules), make)
-        swapped = select_modules(model, self.shapes, kind=BlockSparseLinear)
+        names = [k for k in modules if self.tile[k] > 1]
+        make = lambda name, old: BlockSparseLinear.from_dense(old, self.tile[name])
+        swap_modules(model, names, make)
+        swapped = select_modules(model, dict.fromkeys(names), kind=BlockSparseLinear)
         target = self._counts(self.cfg.sparsity)
         for name, module in swapped.items():  # dW's split-K is sized for the density of the sparse phase
             module.dw_density = max(target[name], 1) / self.units[name]
-        return model, swapped
+        return model, {k: swapped.get(k, m) for k, m in modules.items()}
 
     def _counts(self, sparsity: float) -> dict[str, int]:
         key = round(sparsity, 12)
@@ -455,14 +469,14 @@ class DST(Method):
             self._counts_cache[key] = layer_counts(self.shapes, self.units, key, self.cfg.distribution)
         return self._counts_cache[key]
 
-    def _scores(self, t: torch.Tensor) -> torch.Tensor:
+    def _scores(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """|t| per unit, flat: elements, or per block the sum of |t| (issue 8: a block is ranked by the sum of the
         element scores element-MG compares, so b=1 is element MG)."""
-        if self.cfg.granularity == "element":
+        if self.tile[name] == 1:
             return t.detach().abs().flatten().float()
         from kernels.block_sparse import block_scores
 
-        return block_scores(t, self.cfg.block_size, "sum").flatten()
+        return block_scores(t, self.tile[name], "sum").flatten()
 
     def _set_masks(self, unit_masks: dict[str, torch.Tensor]) -> None:
         """Keep the unit masks (bool) and build the element masks in the weights' dtype, once per update."""
@@ -470,29 +484,25 @@ class DST(Method):
         self.n_on = {k: int(m.sum()) for k, m in unit_masks.items()}
         pairs = zip(self.modules, self.weights, strict=True)
         self.masks = [self._element_mask(k, unit_masks[k], w.dtype) for k, w in pairs]
-        block = self.cfg.granularity == "block"
-        if block:
-            b = self.cfg.block_size
-            dense = self._dense_paths(self.n_on)
-            for k, module in self.modules.items():
-                o, i = self.shapes[k]
-                module.set_block_mask(unit_masks[k].view(o // b, i // b))
-                module.dense_path = dense[k]
+        dense = self._dense_paths(self.n_on)
+        for k, module in self.block_modules.items():
+            o, i, b = *self.shapes[k], self.tile[k]
+            module.set_block_mask(unit_masks[k].view(o // b, i // b))
+            module.dense_path = dense[k]
         # Which gradients after_backward must mask: a block kernel's dW is already exact zeros off the mask (one
         # pass over 85M of GPT-2 124M's gradients saved a step), unless the weight is shared or runs dense.
-        self._mask_grad = [not block or self.modules[k].dense_path or k in self._shared for k in self.modules]
+        self._mask_grad = [k not in self.block_modules or dense[k] or k in self._shared for k in self.modules]
 
     def _dense_paths(self, n_on: Mapping[str, int]) -> dict[str, bool]:
         """Which block layers run as dense GEMMs at these block counts (block_dense_above). The weights are exact
         zeros off the mask after every step and their gradients are masked after backward, so both paths train the
         same; FLOPs are still counted at the mask's density (§7), as for element masks that also run dense."""
-        return {k: n / self.units[k] > self.cfg.block_dense_above for k, n in n_on.items()}
+        return {k: n / self.units[k] > self.cfg.block_dense_above for k, n in n_on.items() if self.tile[k] > 1}
 
     def _element_mask(self, name: str, unit_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(out, in) 0/1 mask in `dtype` from a flat unit mask (blocks expanded to their tiles)."""
-        o, i = self.shapes[name]
-        if self.cfg.granularity == "block":
-            b = self.cfg.block_size
+        o, i, b = *self.shapes[name], self.tile[name]
+        if b > 1:
             unit_mask = unit_mask.view(o // b, 1, i // b, 1).expand(o // b, b, i // b, b)
         return unit_mask.reshape(o, i).to(dtype)
 
@@ -512,11 +522,11 @@ class DST(Method):
         on = self.schedule.hsa_on(step)
         if on != self._hsa_on:
             self._set_attention(on)
-        if self.cfg.granularity == "block":
+        if self.block_modules:
             update = self.schedule.is_update(step)
             # The dense gradient scores the update; not paid on other steps. A compiled model guards on the flag:
             # update steps run a graph of their own, compiled at the first one.
-            for module in self.modules.values():
+            for module in self.block_modules.values():
                 module.dense_wgrad = update
 
     def _set_attention(self, on: bool) -> None:
@@ -594,8 +604,8 @@ class DST(Method):
                 raise RuntimeError(f"{name}.weight has no gradient on topology-update step {step}")
             new, c = mixed_growing(
                 old_masks[name],
-                self._scores(w),
-                self._scores(w.grad),
+                self._scores(name, w),
+                self._scores(name, w.grad),
                 counts[name],
                 zeta,
                 self.cfg.random_frac,

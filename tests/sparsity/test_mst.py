@@ -439,13 +439,19 @@ def test_block_granularity():
     from kernels.block_sparse import BlockSparseLinear
 
     mc = GPTConfig(n_layer=1, n_head=2, n_embd=64, vocab_size=128, block_size=16)
-    cfg = RigLConfig(granularity="block", block_size=32, sparsity=0.5, delta_t=2)
+    cfg = RigLConfig(granularity="block", block_size=32, sparsity=0.5, delta_t=2, block_lm_head=True)
     torch.manual_seed(0)
     model = GPT(mc)
     method = RigL(cfg, mc, 6, 0)
     model = method.attach(model)
     assert all(isinstance(m, BlockSparseLinear) for m in method.modules.values())
     assert model.lm_head.weight is model.transformer.wte.weight
+    # by default the tied lm_head keeps element masks on an nn.Linear; every other linear is in tiles
+    plain = RigL(dataclasses.replace(cfg, block_lm_head=False), mc, 6, 0)
+    plain.attach(GPT(mc))
+    assert list(plain.block_modules) == [k for k in plain.modules if k != "lm_head"]
+    assert type(plain.modules["lm_head"]) is torch.nn.Linear and plain.units["lm_head"] == 128 * 64
+    assert all(isinstance(m, BlockSparseLinear) and m.block == 32 for m in plain.block_modules.values())
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
     for step in range(6):
         method.on_step_start(step)
@@ -512,10 +518,10 @@ def test_block_layers_above_the_dense_threshold_run_dense_and_train_the_same():
         losses = {}
         for thr, (model, method, opt) in runs.items():
             losses[thr] = method_step(model, method, opt, step, [(batch(step, 0), batch(step, 0))])[0]
-            for name, module in method.modules.items():
+            for name, module in method.block_modules.items():
                 density = method.n_on[name] / method.units[name]
                 assert module.dense_path == (density > thr)
-        paths.add(tuple(m.dense_path for m in runs[0.5][1].modules.values()))
+        paths.add(tuple(m.dense_path for m in runs[0.5][1].block_modules.values()))
         assert losses[0.5] == losses[1.0]
     (m1, meth1, _), (m2, meth2, _) = runs.values()
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters(), strict=True))
