@@ -16,8 +16,9 @@ weight's dtype and device per layer, rebuilt only at topology updates, so a norm
 the gradients (after backward) and one of the weights (after the optimizer step). With granularity 'element' the
 layers still run as dense GEMMs (the savings are counted in FLOPs, §7, not in time); with 'block' they run
 kernels/block_sparse.py's kernels, which skip the empty blocks, eagerly or inside one compiled graph: a topology
-update swaps the layers' index tensors without a recompile, and update steps (dense weight gradients) compile once
-into a second graph.
+update rewrites the layers' index tensors in place (no recompile, no CUDA-graph re-record), and update steps (dense
+weight gradients) compile once into a second graph. Block layers above block_dense_above run as dense GEMMs (another
+graph per state, counted by compiled_graphs), and the tied lm_head keeps element masks unless block_lm_head.
 """
 
 from __future__ import annotations
@@ -457,7 +458,7 @@ class DST(Method):
         names = [k for k in modules if self.tile[k] > 1]
         make = lambda name, old: BlockSparseLinear.from_dense(old, self.tile[name])
         swap_modules(model, names, make)
-        swapped = select_modules(model, dict.fromkeys(names), kind=BlockSparseLinear)
+        swapped = select_modules(model, names, kind=BlockSparseLinear)
         target = self._counts(self.cfg.sparsity)
         for name, module in swapped.items():  # dW's split-K is sized for the density of the sparse phase
             module.dw_density = max(target[name], 1) / self.units[name]
@@ -547,7 +548,7 @@ class DST(Method):
         """One graph per (layer paths, HSA on, update step) state the schedule passes through: the masks change only
         at update steps and HSA at its two bounds, so those steps and the ones after them see every state."""
         s, cfg = self.schedule, self.cfg
-        block = cfg.granularity == "block"
+        block = any(b > 1 for b in self.tile.values())
         steps = {0, math.ceil(cfg.hsa_start * s.total), math.ceil(cfg.hsa_end * s.total)}
         if cfg.delta_t > 0:
             steps |= {u + k for u in range(cfg.delta_t, s.total, cfg.delta_t) for k in (0, 1)}
