@@ -13,12 +13,13 @@ One engine, `DST`, does everything; the three registered methods differ only in 
 Every nn.Linear weight is sparse (per block c_attn, attn.c_proj, c_fc, mlp.c_proj, plus lm_head, tied to wte, §1);
 wpe and the LayerNorms stay dense. Masks live in the method (never in the model's state_dict): a 0/1 tensor in the
 weight's dtype and device per layer, rebuilt only at topology updates, so a normal step costs one fused multiply of
-the gradients (after backward) and one of the weights (after the optimizer step). With granularity 'element' the
-layers still run as dense GEMMs (the savings are counted in FLOPs, §7, not in time); with 'block' they run
-kernels/block_sparse.py's kernels, which skip the empty blocks, eagerly or inside one compiled graph: a topology
-update rewrites the layers' index tensors in place (no recompile, no CUDA-graph re-record), and update steps (dense
-weight gradients) compile once into a second graph. Block layers above block_dense_above run as dense GEMMs (another
-graph per state, counted by compiled_graphs), and the tied lm_head keeps element masks unless block_lm_head.
+the gradients (after backward) and one of the weights (after the optimizer step; none with zero_pruned_moments, the
+block default). With granularity 'element' the layers still run as dense GEMMs (the savings are counted in FLOPs, §7,
+not in time); with 'block' they run kernels/block_sparse.py's kernels, which skip the empty blocks, eagerly or inside
+one compiled graph: a topology update rewrites the layers' index tensors in place (no recompile, no CUDA-graph
+re-record), and update steps (dense weight gradients) compile once into a second graph. Block layers above
+block_dense_above run as dense GEMMs (another graph per state, counted by compiled_graphs), and the tied lm_head
+keeps element masks unless block_lm_head.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ class DSTConfig:
     zero_grown_moments: bool = False
     """Zero AdamW's exp_avg/exp_avg_sq at grown entries. Off as in the code, whose reset_momentum touches only SGD's
     momentum_buffer [C]; on is a deviation from the paper."""
+    zero_pruned_moments: bool | None = None
+    """Zero AdamW's exp_avg at pruned entries at each update, so that (their gradients being zero) the optimizer
+    leaves them exactly 0 and no per-step re-masking of the weights is needed. The code re-masks the weights after
+    every step and lets a pruned entry's exp_avg decay (by β1 a step, ~3e-5 of it left after ΔT=100 steps, which a
+    regrown entry starts with). Unset: on with granularity='block' (ours: one pass over every sparse weight saved a
+    step), off with 'element' (as the code)."""
 
     # Hybrid Sparse Attention, §4. Active for hsa_start·T <= step < hsa_end·T (T = total steps).
     hsa_start: float = 0.0
@@ -325,13 +332,15 @@ def mixed_growing(
     zeta: float,
     random_frac: float,
     generator: torch.Generator,
+    n_on: int | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """One Mixed-Growing update of one layer (§3, Algorithm 1) on flat tensors of its N units.
 
     mask: bool (N,), the current topology; w_score/g_score: |W| and |dense grad| per unit (>= 0). Keep the top
     (n_on - n_prune) active units by |W|; grow n_grad of the rest (just-pruned included) by |G|, then n_random
-    uniformly among what is still free. Returns the new mask and the counts."""
-    n_on = int(mask.sum())
+    uniformly among what is still free. Returns the new mask and the counts. n_on: mask.sum() where the caller
+    knows it (each int() of a device tensor waits for the GPU)."""
+    n_on = int(mask.sum()) if n_on is None else n_on
     n_prune, n_grow, n_grad, n_rand = growth_counts(n_on, n_target, zeta, random_frac)
     new = torch.zeros_like(mask)
     # Scores are >= 0, so -1 ranks excluded units last; topk never reaches them since enough units are eligible.
@@ -415,6 +424,9 @@ class DST(Method):
         self._step = 0
         self._last_update: dict[str, float] = {}
         self._grown: dict[str, torch.Tensor] = {}  # keep-masks of moments, zero_grown_moments
+        self._pruned: dict[str, torch.Tensor] = {}  # keep-masks of exp_avg, zero_pruned_moments
+        zero_pruned = cfg.zero_pruned_moments
+        self.zero_pruned = cfg.granularity == "block" if zero_pruned is None else zero_pruned
         self._hsa_on = False
 
     # --- setup ---------------------------------------------------------------------------------------------------
@@ -482,14 +494,20 @@ class DST(Method):
     def _set_masks(self, unit_masks: dict[str, torch.Tensor]) -> None:
         """Keep the unit masks (bool) and build the element masks in the weights' dtype, once per update."""
         self.unit_masks = unit_masks
-        self.n_on = {k: int(m.sum()) for k, m in unit_masks.items()}
+        # One device-to-host copy each for the counts and the block masks: a sync per layer left the GPU idle
+        # between ~50 small transfers at every update.
+        counts = torch.stack([m.sum() for m in unit_masks.values()]).tolist()
+        self.n_on = dict(zip(unit_masks, counts, strict=True))
         pairs = zip(self.modules, self.weights, strict=True)
         self.masks = [self._element_mask(k, unit_masks[k], w.dtype) for k, w in pairs]
         dense = self._dense_paths(self.n_on)
-        for k, module in self.block_modules.items():
-            o, i, b = *self.shapes[k], self.tile[k]
-            module.set_block_mask(unit_masks[k].view(o // b, i // b))
-            module.dense_path = dense[k]
+        if self.block_modules:
+            names = list(self.block_modules)
+            host = torch.cat([unit_masks[k] for k in names]).cpu().split([self.units[k] for k in names])
+            for k, mask in zip(names, host, strict=True):
+                o, i, b = *self.shapes[k], self.tile[k]
+                self.block_modules[k].set_block_mask(mask.view(o // b, i // b))
+                self.block_modules[k].dense_path = dense[k]
         # Which gradients after_backward must mask: a block kernel's dW is already exact zeros off the mask (one
         # pass over 85M of GPT-2 124M's gradients saved a step), unless the weight is shared or runs dense.
         self._mask_grad = [k not in self.block_modules or dense[k] or k in self._shared for k in self.modules]
@@ -584,10 +602,16 @@ class DST(Method):
             for key in ("exp_avg", "exp_avg_sq"):  # zero_grown_moments: grown entries start with fresh moments
                 if key in state:
                     state[key].mul_(keep)
-        self._grown = {}
+        for name, keep in self._pruned.items():  # zero_pruned_moments: nothing left to move a pruned weight
+            state = optimizer.state.get(self.modules[name].weight, {})
+            if "exp_avg" in state:
+                state["exp_avg"].mul_(keep)
+        self._grown, self._pruned = {}, {}
         return False
 
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.zero_pruned:  # zero weight, gradient and exp_avg off the mask: AdamW's update there is exactly 0
+            return
         # Masked weights may move under AdamW's stale moments; zero them again so they are exactly 0 after each step.
         with torch.no_grad():
             torch._foreach_mul_(self.weights, self.masks)
@@ -611,22 +635,25 @@ class DST(Method):
                 zeta,
                 self.cfg.random_frac,
                 self.generator,
+                self.n_on[name],
             )
             new_masks[name] = new
             totals = [a + b for a, b in zip(totals, c, strict=True)]
         self._set_masks(self._broadcast(new_masks))
-        flips = 0
+        flipped = []
         for name, w in zip(self.modules, self.weights, strict=True):
             old, new = old_masks[name], self.unit_masks[name]
-            flips += int((old ^ new).sum())
+            flipped.append((old ^ new).sum())
             # Units new to the mask start at 0; pruned-and-regrown ones keep their value (REINIT_WHEN_SAME=False).
             w.mul_(self._element_mask(name, old & new, w.dtype))
             if self.cfg.zero_grown_moments:
                 self._grown[name] = self._element_mask(name, ~(new & ~old), w.dtype)
+            if self.zero_pruned:
+                self._pruned[name] = self._element_mask(name, ~(old & ~new), w.dtype)
         p = self.name
         self._last_update = {
             f"{p}/update_step": float(step),
-            f"{p}/flip_rate": flips / sum(self.units.values()),
+            f"{p}/flip_rate": int(torch.stack(flipped).sum()) / sum(self.units.values()),
             f"{p}/pruned": float(totals[0]),
             f"{p}/grown": float(totals[1]),
             f"{p}/grown_grad": float(totals[2]),

@@ -307,6 +307,38 @@ def test_zero_grown_moments():
             assert (opt.state[w][key][grown] == 0).all()
 
 
+@pytest.mark.parametrize("granularity", ["element", "block"])
+def test_zero_pruned_moments_keeps_pruned_weights_zero_without_remasking(granularity):
+    """With exp_avg zeroed at pruned entries, AdamW itself leaves every off-mask weight exactly 0 (weight, gradient
+    and exp_avg all 0), so after_optimizer_step re-masks nothing. Off (the code's way), stale exp_avg moves them,
+    which is why that mode re-masks: the check below fails there."""
+    block = dict(granularity="block", block_size=32) if granularity == "block" else {}
+
+    def off_mask_after_opt(zero_pruned):
+        cfg = MSTConfig(delta_t=3, warmup_frac=0.3, restore_frac=0.0, sparsity=0.6, hsa_end=0.0,
+                        block_dense_above=1.0, zero_pruned_moments=zero_pruned, **block)
+        model, method, opt = build(MST, cfg, 12)
+        assert method.zero_pruned == zero_pruned
+        worst = []
+        real_step = opt.step
+
+        def step_and_check(*a, **k):
+            real_step(*a, **k)
+            pairs = zip(method.weights, method.masks, strict=True)
+            worst.append(max((w.detach()[m == 0].abs().max().item() for w, m in pairs if (m == 0).any()),
+                             default=0.0))
+        opt.step = step_and_check
+        train(model, method, opt, 0, 12)
+        return worst, method
+
+    worst, method = off_mask_after_opt(True)
+    assert len(worst) == 9 and max(worst) == 0.0  # 12 steps, updates at 3, 6, 9 skip the optimizer
+    assert max(off_mask_after_opt(False)[0]) > 0
+    if granularity == "block":
+        assert MSTConfig(granularity="block").zero_pruned_moments is None and method.zero_pruned
+    assert not MST(MSTConfig(), TINY, 10, 0).zero_pruned  # element default: as the code
+
+
 def test_resume_is_bit_identical():
     cfg = MSTConfig(delta_t=3, warmup_frac=0.3, restore_frac=0.3, **NO_HSA)
     model, method, opt = build(MST, cfg, 20, seed=5)
