@@ -217,6 +217,50 @@ def test_r0_grows_only_top_gradient_entries():
     assert set(new.nonzero().flatten().tolist()) == expected
 
 
+def test_batched_mixed_growing_rows_follow_the_one_layer_rules():
+    layers = [_layer(seed=s) for s in range(3)]
+    mask, w, grad = (torch.stack(t) for t in zip(*layers, strict=True))
+    gen = torch.Generator().manual_seed(1)
+    new, counts = mixed_growing(mask, w.abs(), grad.abs(), 70, 0.3, 0.0, gen)  # R = 0: nothing random
+    for row, (m, wl, gl) in zip(new, layers, strict=True):
+        one, c = mixed_growing(m, wl.abs(), gl.abs(), 70, 0.3, 0.0, torch.Generator())
+        assert torch.equal(row, one) and c == counts
+    new, (_, n_grow, _, n_rand) = mixed_growing(mask, w.abs(), grad.abs(), 120, 0.3, 0.25, gen)
+    assert new.sum(1).tolist() == [120] * 3 and n_rand > 0
+    for row, (m, wl, _) in zip(new, layers, strict=True):
+        keep = torch.where(m, wl.abs(), torch.tensor(-1.0)).argsort(descending=True)[: 100 - (n_grow - 20)]
+        assert row[keep].all()
+    mask[0, mask[0].nonzero()[0]] = False
+    with pytest.raises(ValueError, match="equal active counts"):
+        mixed_growing(mask, w.abs(), grad.abs(), 70, 0.3, 0.0, gen)
+
+
+@pytest.mark.parametrize("granularity", ["element", "block"])
+def test_update_batches_same_shape_layers_exactly(granularity):
+    """_update runs one Mixed-Growing per group of same-shape layers; without random growth (R = 0) every layer's
+    new mask equals the one-layer update on its own scores."""
+    block = dict(granularity="block", block_size=32) if granularity == "block" else {}
+    cfg = MSTConfig(delta_t=3, warmup_frac=0.0, restore_frac=0.0, sparsity=0.7, random_frac=0.0, hsa_end=0.0,
+                    block_dense_above=1.0, **block)
+    model, method, opt = build(MST, cfg, 12)
+    train(model, method, opt, 0, 3)
+    step = 3
+    method.on_step_start(step)
+    _, loss = model(batch(step, 0), batch(step, 0))
+    loss.backward()
+    old, n_on = dict(method.unit_masks), dict(method.n_on)
+    counts = method._counts(method.schedule.target(step))
+    expected = {}
+    for name, w in zip(method.modules, method.weights, strict=True):
+        expected[name], _ = mixed_growing(old[name], method._scores(name, w), method._scores(name, w.grad),
+                                          counts[name], method.schedule.zeta(step), 0.0, torch.Generator(), n_on[name])
+    method.after_backward(step)
+    assert len({method.shapes[k] for k in method.modules}) < len(method.modules)  # some layers were batched
+    for name in method.modules:
+        assert torch.equal(method.unit_masks[name], expected[name]), name
+    assert method.metrics()["mst/flip_rate"] > 0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The method through the trainer's hooks
 
