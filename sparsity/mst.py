@@ -452,6 +452,9 @@ class DST(Method):
         self.modules = modules
         self.block_modules = {k: m for k, m in modules.items() if self.tile[k] > 1}
         self.weights = [m.weight for m in modules.values()]
+        self.groups: dict[tuple, list[str]] = {}  # layers by (shape, tile), in module order: mask updates batch them
+        for k in modules:
+            self.groups.setdefault((self.shapes[k], self.tile[k]), []).append(k)
         # Weights another module also uses (lm_head's is wte's): their gradients carry that module's part too.
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         self._shared = {k for k, m in modules.items() if uses[id(m.weight)] > 1}
@@ -506,12 +509,18 @@ class DST(Method):
     def _set_masks(self, unit_masks: dict[str, torch.Tensor]) -> None:
         """Keep the unit masks (bool) and build the element masks in the weights' dtype, once per update."""
         self.unit_masks = unit_masks
-        # One device-to-host copy each for the counts and the block masks: a sync per layer left the GPU idle
-        # between ~50 small transfers at every update.
-        counts = torch.stack([m.sum() for m in unit_masks.values()]).tolist()
-        self.n_on = dict(zip(unit_masks, counts, strict=True))
-        pairs = zip(self.modules, self.weights, strict=True)
-        self.masks = [self._element_mask(k, unit_masks[k], w.dtype) for k, w in pairs]
+        # Per group of same-shape layers, and one device-to-host copy each for the counts and the block masks: a
+        # sync per layer left the GPU idle between ~50 small transfers at every update.
+        masks, sums = {}, []
+        for names in self.groups.values():
+            g = _stack([unit_masks[k] for k in names])
+            sums.append(g.sum(-1))
+            dtype = self.modules[names[0]].weight.dtype
+            masks.update(zip(names, self._element_mask(names[0], g, dtype).unbind(0), strict=True))
+        order = [k for names in self.groups.values() for k in names]
+        counts = dict(zip(order, torch.cat(sums).tolist(), strict=True))
+        self.n_on = {k: counts[k] for k in self.modules}
+        self.masks = [masks[k] for k in self.modules]
         dense = self._dense_paths(self.n_on)
         if self.block_modules:
             names = list(self.block_modules)
@@ -531,11 +540,14 @@ class DST(Method):
         return {k: n / self.units[k] > self.cfg.block_dense_above for k, n in n_on.items() if self.tile[k] > 1}
 
     def _element_mask(self, name: str, unit_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(out, in) 0/1 mask in `dtype` from a flat unit mask (blocks expanded to their tiles)."""
+        """(out, in) 0/1 mask in `dtype` from a flat unit mask (blocks expanded to their tiles); (G, units) masks
+        of G layers shaped like `name` give (G, out, in)."""
         o, i, b = *self.shapes[name], self.tile[name]
+        lead = unit_mask.shape[:-1]
         if b > 1:
-            unit_mask = unit_mask.view(o // b, 1, i // b, 1).expand(o // b, b, i // b, b)
-        return unit_mask.reshape(o, i).to(dtype)
+            unit_mask = unit_mask.view(*lead, o // b, 1, i // b, 1).expand(*lead, o // b, b, i // b, b)
+        return unit_mask.reshape(*lead, o, i).to(dtype)
+
 
     def _broadcast(self, unit_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rank 0's masks win: ranks can differ in float reductions of the grad scores (the code's per-rank random
@@ -662,15 +674,17 @@ class DST(Method):
             totals = [a + len(names) * b for a, b in zip(totals, c, strict=True)]
         self._set_masks(self._broadcast({k: new_masks[k] for k in self.modules}))
         flipped = []
-        for name, w in zip(self.modules, self.weights, strict=True):
-            old, new = old_masks[name], self.unit_masks[name]
+        for names in self.groups.values():
+            old, new = _stack([old_masks[k] for k in names]), _stack([self.unit_masks[k] for k in names])
             flipped.append((old ^ new).sum())
+            dtype = weights[names[0]].dtype
             # Units new to the mask start at 0; pruned-and-regrown ones keep their value (REINIT_WHEN_SAME=False).
-            w.mul_(self._element_mask(name, old & new, w.dtype))
+            keep = self._element_mask(names[0], old & new, dtype).unbind(0)
+            torch._foreach_mul_([weights[k] for k in names], list(keep))
             if self.cfg.zero_grown_moments:
-                self._grown[name] = self._element_mask(name, ~(new & ~old), w.dtype)
+                self._grown.update(zip(names, self._element_mask(names[0], ~(new & ~old), dtype).unbind(0)))
             if self.zero_pruned:
-                self._pruned[name] = self._element_mask(name, ~(old & ~new), w.dtype)
+                self._pruned.update(zip(names, self._element_mask(names[0], ~(old & ~new), dtype).unbind(0)))
         p = self.name
         self._last_update = {
             f"{p}/update_step": float(step),
