@@ -28,7 +28,7 @@ import functools
 import math
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -330,6 +330,13 @@ def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
     return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)  # one layer: a view, no copy
 
 
+def _group_by(names: Iterable[str], key: Callable[[str], Any]) -> dict[Any, list[str]]:
+    groups: dict[Any, list[str]] = {}
+    for name in names:
+        groups.setdefault(key(name), []).append(name)
+    return groups
+
+
 @torch.no_grad()
 def mixed_growing(
     mask: torch.Tensor,
@@ -452,9 +459,8 @@ class DST(Method):
         self.modules = modules
         self.block_modules = {k: m for k, m in modules.items() if self.tile[k] > 1}
         self.weights = [m.weight for m in modules.values()]
-        self.groups: dict[tuple, list[str]] = {}  # layers by (shape, tile), in module order: mask updates batch them
-        for k in modules:
-            self.groups.setdefault((self.shapes[k], self.tile[k]), []).append(k)
+        # Layers by (shape, tile), in module order: the mask updates batch each group.
+        self.groups = _group_by(modules, lambda k: (self.shapes[k], self.tile[k]))
         # Weights another module also uses (lm_head's is wte's): their gradients carry that module's part too.
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         self._shared = {k for k, m in modules.items() if uses[id(m.weight)] > 1}
@@ -548,7 +554,6 @@ class DST(Method):
             unit_mask = unit_mask.view(*lead, o // b, 1, i // b, 1).expand(*lead, o // b, b, i // b, b)
         return unit_mask.reshape(*lead, o, i).to(dtype)
 
-
     def _broadcast(self, unit_masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rank 0's masks win: ranks can differ in float reductions of the grad scores (the code's per-rank random
         growth made them diverge, §8)."""
@@ -621,15 +626,14 @@ class DST(Method):
         if not self.schedule.is_update(step):
             return True
         # Update iterations only score the topology: their (dense) gradients never reach the weights [C].
-        for name, keep in self._grown.items():
-            state = optimizer.state.get(self.modules[name].weight, {})
-            for key in ("exp_avg", "exp_avg_sq"):  # zero_grown_moments: grown entries start with fresh moments
-                if key in state:
-                    state[key].mul_(keep)
-        for name, keep in self._pruned.items():  # zero_pruned_moments: nothing left to move a pruned weight
-            state = optimizer.state.get(self.modules[name].weight, {})
-            if "exp_avg" in state:
-                state["exp_avg"].mul_(keep)
+        # zero_grown_moments: grown entries start with fresh moments; zero_pruned_moments: nothing is left to move a
+        # pruned weight.
+        for keeps, keys in ((self._grown, ("exp_avg", "exp_avg_sq")), (self._pruned, ("exp_avg",))):
+            for name, keep in keeps.items():
+                state = optimizer.state.get(self.modules[name].weight, {})
+                for key in keys:
+                    if key in state:
+                        state[key].mul_(keep)
         self._grown, self._pruned = {}, {}
         return False
 
@@ -655,9 +659,7 @@ class DST(Method):
         # batched Mixed-Growing: a dozen launches per group instead of per layer (49 layers in GPT-2 124M, whose
         # update steps were host-bound). Rows follow the same rules as one layer alone; only the order in which
         # the random growth is drawn differs.
-        groups: dict[tuple, list[str]] = {}
-        for k in self.modules:
-            groups.setdefault((self.shapes[k], self.tile[k], self.n_on[k], counts[k]), []).append(k)
+        groups = _group_by(self.modules, lambda k: (self.shapes[k], self.tile[k], self.n_on[k], counts[k]))
         new_masks, totals = {}, [0, 0, 0, 0]
         for (_, _, n_on, n_target), names in groups.items():
             new, c = mixed_growing(

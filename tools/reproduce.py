@@ -39,7 +39,7 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
 TASKS = "wikitext2,ptb,lambada,wikitext103"  # WikiText-103's test set is the same articles as WT2: ~10 s more
-# report rows; others after
+# The report's rows in this order; any other runs after them.
 ORDER = ("dense", "tiny", "static", "rigl", "mst", "mst-nohsa", "mst-block", "2of4", "sat", "sat-mlp")
 # Method knobs counted in steps: --scale shrinks them with the run. Floor 2, so an MST/RigL update step (which
 # skips the optimizer step) never lands on every step; 0 (never) stays 0.
