@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import typer
+from torch.profiler import ProfilerActivity, profile
 
 from bench import RandomTokens
 from core.config import load_config
@@ -56,7 +57,7 @@ WIDTHS = {768: 12, 1024: 16, 1280: 20}  # GPT-2 124M / 350M / 774M: d -> heads
 B, T = 16, 1024
 
 
-def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str
+def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str, compile_mode: str = "default"
             ) -> tuple[Callable[[], None], Callable[[], list[torch.Tensor]]]:
     """(one forward + backward of module on x in `mode`, the results of the latest call: [y, dx, *param grads]).
 
@@ -66,7 +67,7 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: st
     capture as the CUDA-graphs notes document it); autocast's cast cache is off, as they ask of captured autocast.
     """
     params = list(module.parameters())
-    fn = torch.compile(module) if mode.startswith("compiled") else module
+    fn = torch.compile(module, mode=compile_mode) if mode.startswith("compiled") else module
     graphed = mode in ("graph", "compiled-graph")
     last: dict[str, torch.Tensor] = {}
 
@@ -110,6 +111,8 @@ class Recorder:
 
     def __init__(self, out: Path, meta: dict, budget_s: float):
         self.out, self.meta, self.budget_s, self.t0, self.rows = out, meta, budget_s, time.time(), []
+        self.compile_mode = "default"  # torch.compile's mode for the compiled module rows (--compile-mode)
+        self.profile_rows = 0  # > 0: print each module row's top CUDA kernels over 10 calls (--profile-rows)
 
     def over_budget(self) -> bool:
         return time.time() - self.t0 > self.budget_s
@@ -119,7 +122,8 @@ class Recorder:
         ms = f"{row['ms']:.3f}" if row.get("ms") is not None else "-"
         sp = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
         err = f" err {row['max_rel_err']:.1e}" if row.get("max_rel_err") is not None else ""
-        what = f"{row['op']:<5} {row.get('preset', '')} d={row['d']:<5} keep={str(row['keep']):<5} {row['mode']:<8}"
+        mode = row["mode"] + (f"[{row['compile_mode']}]" if row.get("compile_mode", "default") != "default" else "")
+        what = f"{row['op']:<5} {row.get('preset', '')} d={row['d']:<5} keep={str(row['keep']):<5} {mode:<8}"
         print(f"{what} {ms:>8} ms {sp:>7}{err} {' '.join(row.get('overrides', []))} {row.get('error', '')}",
               flush=True)
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +147,15 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
                                         "train.compile_mode=reduce-overhead"),
          modules: str = typer.Option("", "--modules", help="only the MLP and attention rows, in these comma-separated "
                                      "modes (eager, graph, compiled, compiled-graph: the compiled module replayed "
-                                     "from a CUDA graph, as compile_mode=reduce-overhead runs it)")) -> None:
+                                     "from a CUDA graph, as compile_mode=reduce-overhead runs it)"),
+         ops: str = typer.Option("mlp,attn", help="which --modules rows: mlp, attn or both"),
+         widths: str = typer.Option(",".join(map(str, WIDTHS)), help="model widths for the --modules rows"),
+         profile_rows: int = typer.Option(0, help="with --modules: after each row, print its top N CUDA kernels "
+                                          "over 10 calls (torch.profiler)"),
+         compile_modes: str = typer.Option("default", "--compile-modes", help="torch.compile modes for the compiled "
+                                           "--modules rows, comma-separated, each in turn (e.g. default,"
+                                           "max-autotune-no-cudagraphs: Triton GEMM templates with fused "
+                                           "epilogues)")) -> None:
     """Time dense vs sliced MLP / attention fwd+bwd (eager, CUDA graph, compiled) and whole SAT training steps on
     CUDA; write JSON."""
     presets = [p for p in steps_presets.split(",") if p]
@@ -159,9 +171,14 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
         bad = [m for m in modules.split(",") if m not in ("eager", "graph", "compiled", "compiled-graph")]
         if bad:
             raise typer.BadParameter(f"--modules: eager, graph, compiled or compiled-graph, got {bad[0]!r}")
+        ds = [int(w) for w in widths.split(",") if w]
+        record.profile_rows = profile_rows
         for mode in modules.split(","):
-            mlp_rows(list(WIDTHS), mode, record, iters)
-            attn_rows(list(WIDTHS), mode, record, iters)
+            for cm in compile_modes.split(",") if mode.startswith("compiled") else ["default"]:
+                record.compile_mode = cm
+                for op, rows in (("mlp", mlp_rows), ("attn", attn_rows)):
+                    if op in ops.split(","):
+                        rows(ds, mode, record, iters)
         print(f"wrote {out} in {time.time() - record.t0:.0f} s")
         return
     if steps_only or whole_run:
@@ -190,13 +207,17 @@ def module_row(record: Recorder, op: str, d: int, keep: float, mode: str, module
     """Time one module in one mode (and check its results against `want`); returns its ms (None if skipped or
     failed)."""
     row = dict(op=op, d=d, keep=keep, mode=mode)
-    if mode.startswith("compiled") and record.over_budget():
-        return record(**row, ms=None, error="skipped: time budget")
+    if mode.startswith("compiled"):
+        row["compile_mode"] = record.compile_mode
+        if record.over_budget():
+            return record(**row, ms=None, error="skipped: time budget")
     try:
-        call, results = fwd_bwd(module, x, dy, mode)
+        call, results = fwd_bwd(module, x, dy, mode, record.compile_mode)
         ms = time_ms(call, 5 if mode.startswith("compiled") else 3, iters)
         err = rel_err(results(), want) if want is not None else None
         record(**row, ms=ms, max_rel_err=err, speedup=None if dense_ms is None else dense_ms / ms)
+        if record.profile_rows:
+            print_kernels(call, record.profile_rows)
         return ms
     except Exception as e:  # noqa: BLE001 (a failing variant is a result too; the others still run)
         return record(**row, ms=None, error=f"{type(e).__name__}: {e}"[:300])
@@ -205,6 +226,21 @@ def module_row(record: Recorder, op: str, d: int, keep: float, mode: str, module
             p.grad = None
         x.grad = None
         torch._dynamo.reset()
+
+
+def print_kernels(call: Callable[[], None], rows: int, calls: int = 10) -> None:
+    """The top CUDA kernels (CPU ops without CUDA) of `calls` calls, each a total over them, as torch.profiler
+    tabulates them."""
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            call()
+        if cuda:
+            torch.cuda.synchronize()
+    print(f"{'CUDA kernels' if cuda else 'CPU ops'} over {calls} calls:")
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
+                                      max_name_column_width=70)
+    print(table, flush=True)
 
 
 def _inputs(d: int, device: str, tokens: tuple[int, int]) -> tuple[GPTConfig, torch.Tensor, torch.Tensor]:

@@ -32,6 +32,18 @@ def test_rows_on_cpu(tmp_path):
     assert steps[1]["sat/omission_rate"] == 0.5 and steps[1]["speedup"] > 0
 
 
+def test_profile_rows_print_a_kernel_table_and_compile_mode_is_recorded(tmp_path, capsys):
+    record = bench_sat.Recorder(tmp_path / "sat.json", {"device": "cpu"}, budget_s=0.0)
+    record.profile_rows, record.compile_mode = 4, "max-autotune-no-cudagraphs"
+    bench_sat.mlp_rows([64], "eager", record, 2, device="cpu", tokens=(2, 16))
+    bench_sat.mlp_rows([64], "compiled", record, 2, device="cpu", tokens=(2, 16))
+    out = capsys.readouterr().out
+    assert out.count("CPU ops over 10 calls:") == 3 and "aten::" in out  # one table per timed eager row
+    rows = record.rows
+    assert [r.get("compile_mode") for r in rows] == [None] * 3 + ["max-autotune-no-cudagraphs"] * 3
+    assert "[max-autotune-no-cudagraphs]" in out
+
+
 def test_cli_rejects_unknown_presets():
     app = typer.Typer()
     app.command()(bench_sat.main)
