@@ -32,3 +32,19 @@ def select(impls: dict[str, Callable[..., Any]], backend: str, can_run: dict[str
     if backend != "ref" and not can_run.get(backend, lambda: True)():
         raise RuntimeError(f"kernel backend {backend!r} cannot run here (needs CUDA and Triton); use 'ref' or 'auto'")
     return backend
+
+
+# One library fragment for the torch.library ops that kernels/*.py define with `define_op`; the ops live as long as
+# this object, i.e. as long as the package is loaded.
+_LIB = torch.library.Library("sparse_pretrain", "FRAGMENT")
+
+
+def define_op(schema: str, impl: Callable[..., Any], fake: Callable[..., Any]) -> Any:
+    """Define `sparse_pretrain::<schema>` with `impl` as its CPU and CUDA kernel and `fake` for tracing (shapes
+    only); returns the op's default overload. No autograd: an autograd.Function that dynamo traces calls the ops."""
+    name = schema.split("(")[0]
+    _LIB.define(schema)
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(name, impl, key)
+    torch.library.register_fake(f"sparse_pretrain::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.sparse_pretrain, name).default

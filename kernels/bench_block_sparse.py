@@ -31,10 +31,8 @@ at 75% block sparsity, >= 5x at 90%.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -45,7 +43,7 @@ import torch.nn.functional as F
 import triton
 
 from kernels import block_sparse as bs
-from kernels.benchutil import capture, rel_err, time_ms
+from kernels.benchutil import capture, host_work, rel_err, stubbed_launches, time_ms
 
 SHAPES = [(1024, 4096), (4096, 1024), (768, 3072), (3072, 768)]  # (in, out) of nn.Linear(in, out)
 SPARSITIES = [0.0, 0.5, 0.75, 0.9]
@@ -227,16 +225,6 @@ def bench_shape(
     return rows
 
 
-class _StubKernel:
-    """Stands in for a Triton kernel: counts launches instead of running them."""
-
-    def __init__(self, launches: list[str], name: str) -> None:
-        self.launches, self.name = launches, name
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append(self.name)
-
-
 def host_cost(
     n_layers: int = 16, compile_backend: str = "aot_eager", reps: int = 20, width: int = 256, tokens: int = 64
 ) -> dict[str, float]:
@@ -249,14 +237,8 @@ def host_cost(
     calls per layer (one profiled step), launches per layer and the number of graphs dynamo compiled."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    launches: list[str] = []
-    threads = torch.get_num_threads()
-    with contextlib.ExitStack() as stack:
-        torch.set_num_threads(1)
-        stack.callback(torch.set_num_threads, threads)
-        for name in ("_pack_kernel", "_bsr_mm_kernel", "_sddmm_kernel", "_scatter_kernel"):
-            stack.enter_context(mock.patch.object(bs, name, _StubKernel(launches, name)))
-        stack.enter_context(mock.patch.object(bs, "_triton_can_run", lambda *devices: True))
+    kernels = ("_pack_kernel", "_bsr_mm_kernel", "_sddmm_kernel", "_scatter_kernel")
+    with stubbed_launches(bs, kernels) as launches, mock.patch.object(bs, "_triton_can_run", lambda *devices: True):
         gen = torch.Generator().manual_seed(0)
         layers = torch.nn.Sequential(
             *[bs.BlockSparseLinear(width, width, block=64, backend="triton") for _ in range(n_layers)]
@@ -282,31 +264,8 @@ def host_cost(
         new_masks()
         for _ in range(3):
             step()
-        rounds = []
-        for _ in range(5):
-            t = time.process_time()
-            for _ in range(reps):
-                step()
-            rounds.append((time.process_time() - t) / reps)
-        calls = {"call": 0, "c_call": 0}
-
-        def count(frame, event, arg) -> None:
-            if event in calls:
-                calls[event] += 1
-
-        launches.clear()
-        sys.setprofile(count)
-        try:
-            step()
-        finally:
-            sys.setprofile(None)
-    return {
-        "host_us_per_layer": 1e6 * min(rounds) / n_layers,
-        "python_calls_per_layer": calls["call"] / n_layers,
-        "c_calls_per_layer": calls["c_call"] / n_layers,
-        "launches_per_layer": len(launches) / n_layers,
-        "graphs": counter.frame_count,
-    }
+        cost = host_work(step, launches, reps, n_layers, "layer")
+    return cost | {"graphs": counter.frame_count}
 
 
 def print_table(rows: list[dict]) -> None:

@@ -28,22 +28,19 @@ are recorded as skipped. The JSON is rewritten after every swept case and every 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 import typer
 
 from kernels import hsa_attention as hsa
-from kernels.benchutil import capture, rel_err, time_ms
+from kernels.benchutil import capture, host_work, rel_err, stubbed_launches, time_ms
 from kernels.hsa_attention import HsaConfig, Launch, hsa_attention_ref, hsa_attention_triton
 
 CASES = [(1024, 64, 16), (1024, 128, 16), (2048, 64, 8), (2048, 128, 8)]  # (T, stride l, batch B)
@@ -261,16 +258,6 @@ def compiled_kernels() -> dict[str, list[dict]]:
     return out
 
 
-class _StubKernel:
-    """Stands in for a Triton kernel: counts launches instead of running them."""
-
-    def __init__(self, launches: list[str], name: str) -> None:
-        self.launches, self.name = launches, name
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append(self.name)
-
-
 def host_cost(
     n_calls: int = 8, compile_backend: str = "aot_eager", reps: int = 20, T: int = 128, stride: int = 16
 ) -> dict[str, float]:
@@ -281,13 +268,8 @@ def host_cost(
     steps), Python and C calls per call (one profiled step), launches per call and the graphs dynamo compiled."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    launches: list[str] = []
-    threads = torch.get_num_threads()
-    with contextlib.ExitStack() as stack:
-        torch.set_num_threads(1)
-        stack.callback(torch.set_num_threads, threads)
-        for name in ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel"):
-            stack.enter_context(mock.patch.object(hsa, name, _StubKernel(launches, name)))
+    kernels = ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel")
+    with stubbed_launches(hsa, kernels) as launches:
         gen = torch.Generator().manual_seed(0)
         # (B, T, nh, hs) leaves seen as (B, nh, T, hs), the model's layout, which the outputs keep: no copies.
         leaves = [torch.randn(2, T, 2, 16, generator=gen, requires_grad=True) for _ in range(3)]
@@ -308,31 +290,8 @@ def host_cost(
 
         for _ in range(3):
             step()
-        rounds = []
-        for _ in range(5):
-            t = time.process_time()
-            for _ in range(reps):
-                step()
-            rounds.append((time.process_time() - t) / reps)
-        calls = {"call": 0, "c_call": 0}
-
-        def count(frame, event, arg) -> None:
-            if event in calls:
-                calls[event] += 1
-
-        launches.clear()
-        sys.setprofile(count)
-        try:
-            step()
-        finally:
-            sys.setprofile(None)
-    return {
-        "host_us_per_call": 1e6 * min(rounds) / n_calls,
-        "python_calls_per_call": calls["call"] / n_calls,
-        "c_calls_per_call": calls["c_call"] / n_calls,
-        "launches_per_call": len(launches) / n_calls,
-        "graphs": counter.frame_count,
-    }
+        cost = host_work(step, launches, reps, n_calls, "call")
+    return cost | {"graphs": counter.frame_count}
 
 
 # ----------------------------------------------------------------------------------------------------------------

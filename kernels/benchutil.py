@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import torch
 
@@ -54,3 +57,59 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|, in fp32."""
     want = want.float()
     return ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+class StubKernel:
+    """Stands in for a Triton kernel: counts launches instead of running them."""
+
+    def __init__(self, launches: list[str], name: str) -> None:
+        self.launches, self.name = launches, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self.name)
+
+
+@contextlib.contextmanager
+def stubbed_launches(module: object, names: tuple[str, ...]) -> Iterator[list[str]]:
+    """`module`'s Triton kernels `names` replaced by launch counters (the yielded list of launched names), with torch
+    on one thread meanwhile, so that no idle worker thread counts in a host-time measurement."""
+    launches: list[str] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.ExitStack() as stack:
+            for name in names:
+                stack.enter_context(mock.patch.object(module, name, StubKernel(launches, name)))
+            yield launches
+    finally:
+        torch.set_num_threads(threads)
+
+
+def host_work(step: Callable[[], object], launches: list[str], reps: int, per: int, unit: str) -> dict[str, float]:
+    """Host cost of an already warmed-up step, divided over its `per` units (layers, calls): µs of this process's
+    CPU time (the best of 5 rounds of `reps` steps: other processes on a shared machine don't count), Python and C
+    calls (one profiled step) and kernel launches (that step's entries in `launches`)."""
+    rounds = []
+    for _ in range(5):
+        t = time.process_time()
+        for _ in range(reps):
+            step()
+        rounds.append((time.process_time() - t) / reps)
+    calls = {"call": 0, "c_call": 0}
+
+    def count(frame, event, arg) -> None:
+        if event in calls:
+            calls[event] += 1
+
+    launches.clear()
+    sys.setprofile(count)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return {
+        f"host_us_per_{unit}": 1e6 * min(rounds) / per,
+        f"python_calls_per_{unit}": calls["call"] / per,
+        f"c_calls_per_{unit}": calls["c_call"] / per,
+        f"launches_per_{unit}": len(launches) / per,
+    }

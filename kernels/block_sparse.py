@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import select, triton_available
+from kernels import define_op, select, triton_available
 
 BLOCK_SIZES = (32, 64, 128)
 DW_TILE = 256  # width of the dW tile: G = DW_TILE // b blocks share one load of their common dY or X slice
@@ -780,18 +780,6 @@ class _BlockSparseLinearFn(torch.autograd.Function):
 # graph: its autograd kernel, a redispatch, dynamo-disable wrappers and output-alias checks.) Eager calls keep
 # `_BlockSparseLinearFn`: dispatching even these ops adds more host time than an eager call spends otherwise, and
 # eager calls are host-bound already.
-_LIB = torch.library.Library("sparse_pretrain", "FRAGMENT")  # the ops live as long as this object
-
-
-def _define(schema: str, impl, fake):
-    name = schema.split("(")[0]
-    _LIB.define(schema)
-    for key in ("CPU", "CUDA"):
-        _LIB.impl(name, impl, key)
-    torch.library.register_fake(f"sparse_pretrain::{name}", fake, lib=_LIB)
-    return getattr(torch.ops.sparse_pretrain, name).default
-
-
 def _fwd_impl(x, weight, bias, index, grid, block, impl):
     """(y, the weight operand dX reuses)."""
     return _forward(x, weight, bias, BlockMaskInfo.from_tensors(index, grid, block), impl)
@@ -820,10 +808,10 @@ def _bwd_fake(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, dw_dens
 
 
 _MASK_ARGS = "Tensor[] index, int[] grid, int block, str impl"  # BlockMaskInfo.from_tensors's, and the backend
-_fwd_op = _define(
+_fwd_op = define_op(
     f"block_sparse_fwd(Tensor x, Tensor weight, Tensor? bias, {_MASK_ARGS}) -> (Tensor, Tensor)", _fwd_impl, _fwd_fake
 )
-_bwd_op = _define(
+_bwd_op = define_op(
     f"block_sparse_bwd(Tensor dy, Tensor x, Tensor w_op, {_MASK_ARGS}, ScalarType dtype, bool dense_wgrad, "
     "float dw_density, bool need_dx, bool need_dw) -> (Tensor, Tensor)",
     _bwd_impl,

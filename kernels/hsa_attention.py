@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import select, triton_available
+from kernels import define_op, select, triton_available
 
 try:
     import triton
@@ -539,20 +539,7 @@ def hsa_backward(
 # block into pieces, on top of the kernel's own time. The ops have no autograd of their own: `_HsaFn`, an
 # autograd.Function that dynamo traces, ties them together, so a compiled step calls each op's kernel straight from
 # the dispatcher. (torch.library.custom_op with register_autograd puts Python in front of every call of a compiled
-# graph: its autograd kernel, a redispatch, dynamo-disable wrappers and output-alias checks.) Same namespace as
-# kernels.block_sparse's ops, a fragment of its own: neither module needs the other.
-_LIB = torch.library.Library("sparse_pretrain", "FRAGMENT")  # the ops live as long as this object
-
-
-def _define(schema: str, impl, fake):
-    name = schema.split("(")[0]
-    _LIB.define(schema)
-    for key in ("CPU", "CUDA"):
-        _LIB.impl(name, impl, key)
-    torch.library.register_fake(f"sparse_pretrain::{name}", fake, lib=_LIB)
-    return getattr(torch.ops.sparse_pretrain, name).default
-
-
+# graph: its autograd kernel, a redispatch, dynamo-disable wrappers and output-alias checks.)
 def _fwd_fake(q, k, v, stride):
     B, H, T, D = q.shape
     return _empty_out(q), q.new_empty((B * H, T), dtype=torch.float32)
@@ -562,8 +549,8 @@ def _bwd_fake(q, k, v, o, lse, do, stride):
     return _empty_out(q), _empty_out(q), _empty_out(q)
 
 
-_hsa_fwd_op = _define("hsa_fwd(Tensor q, Tensor k, Tensor v, int stride) -> (Tensor, Tensor)", hsa_forward, _fwd_fake)
-_hsa_bwd_op = _define(
+_hsa_fwd_op = define_op("hsa_fwd(Tensor q, Tensor k, Tensor v, int stride) -> (Tensor, Tensor)", hsa_forward, _fwd_fake)
+_hsa_bwd_op = define_op(
     "hsa_bwd(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor do, int stride) -> (Tensor, Tensor, Tensor)",
     hsa_backward,
     _bwd_fake,
