@@ -111,7 +111,7 @@ class Recorder:
 
     def __init__(self, out: Path, meta: dict, budget_s: float):
         self.out, self.meta, self.budget_s, self.t0, self.rows = out, meta, budget_s, time.time(), []
-        self.compile_mode = "default"  # torch.compile's mode for the compiled module rows (--compile-mode)
+        self.compile_mode = "default"  # torch.compile's mode for the compiled module rows (--compile-modes)
         self.profile_rows = 0  # > 0: print each module row's top CUDA kernels over 10 calls (--profile-rows)
 
     def over_budget(self) -> bool:
@@ -161,6 +161,10 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
     presets = [p for p in steps_presets.split(",") if p]
     if not presets or any(p not in PRESETS for p in presets):
         raise typer.BadParameter(f"--steps-presets: comma-separated names from {', '.join(PRESETS)}")
+    if not set(ops.split(",")) <= {"mlp", "attn"}:
+        raise typer.BadParameter(f"--ops: mlp, attn or mlp,attn, got {ops!r}")
+    if not all(w.isdigit() and int(w) % 64 == 0 for w in widths.split(",")):
+        raise typer.BadParameter(f"--widths: comma-separated multiples of 64, got {widths!r}")
     if not torch.cuda.is_available():
         raise typer.BadParameter("needs a CUDA device")
     torch.manual_seed(0)
@@ -171,7 +175,7 @@ def main(out: Path = typer.Option(Path("results/bench_sat.json"), help="the JSON
         bad = [m for m in modules.split(",") if m not in ("eager", "graph", "compiled", "compiled-graph")]
         if bad:
             raise typer.BadParameter(f"--modules: eager, graph, compiled or compiled-graph, got {bad[0]!r}")
-        ds = [int(w) for w in widths.split(",") if w]
+        ds = [int(w) for w in widths.split(",")]
         record.profile_rows = profile_rows
         for mode in modules.split(","):
             for cm in compile_modes.split(",") if mode.startswith("compiled") else ["default"]:

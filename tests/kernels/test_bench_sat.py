@@ -51,6 +51,15 @@ def test_cli_rejects_unknown_presets():
     assert result.exit_code == 2 and "steps-presets" in result.output
 
 
+
+@pytest.mark.parametrize("args,what", [(["--ops", "mlp,ffn"], "--ops"), (["--widths", "768,abc"], "--widths")])
+def test_cli_rejects_bad_module_options(args, what):
+    app = typer.Typer()
+    app.command()(bench_sat.main)
+    result = CliRunner().invoke(app, ["--modules", "eager", *args])
+    assert result.exit_code == 2 and what in result.output
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["eager", "graph", "compiled"])
 def test_modes_match_the_masked_dense_reference_cuda(mode):
