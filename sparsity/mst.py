@@ -375,7 +375,7 @@ def plan_profile(model_cfg: GPTConfig, cfg: DSTConfig, total_steps: int, step: i
     Mixed-Growing always lands exactly on the target counts, so the realised densities are known in advance."""
     sched = DSTSchedule(cfg, total_steps)
     shapes = sparse_shapes(model_cfg, cfg)
-    units = _units(shapes, cfg)
+    units = _units(shapes, tiles(shapes, cfg))
     counts = layer_counts(shapes, units, sched.mask_sparsity(step), cfg.distribution)
     density = {k: counts[k] / units[k] for k in shapes}
     return _profile(density, sched.is_update(step), _attn_density(model_cfg, cfg, sched, step))
@@ -392,9 +392,9 @@ def tiles(shapes: Mapping[str, tuple[int, int]], cfg: DSTConfig) -> dict[str, in
     return {k: cfg.block_size if block and (k != "lm_head" or cfg.block_lm_head) else 1 for k in shapes}
 
 
-def _units(shapes: Mapping[str, tuple[int, int]], cfg: DSTConfig) -> dict[str, int]:
-    b = tiles(shapes, cfg)
-    return {k: (o // b[k]) * (i // b[k]) for k, (o, i) in shapes.items()}
+def _units(shapes: Mapping[str, tuple[int, int]], tile: Mapping[str, int]) -> dict[str, int]:
+    """Mask units per layer: its tile² blocks (elements where the tile is 1)."""
+    return {k: (o // tile[k]) * (i // tile[k]) for k, (o, i) in shapes.items()}
 
 
 def _profile(density: Mapping[str, float], update: bool, attn: float) -> FlopProfile:
@@ -434,7 +434,7 @@ class DST(Method):
         self.schedule = DSTSchedule(cfg, total_steps)
         self.shapes = sparse_shapes(model_cfg, cfg)
         self.tile = tiles(self.shapes, cfg)
-        self.units = _units(self.shapes, cfg)
+        self.units = _units(self.shapes, self.tile)
         if cfg.granularity == "block":
             bad = [k for k, (o, i) in self.shapes.items() if o % self.tile[k] or i % self.tile[k]]
             if bad:
