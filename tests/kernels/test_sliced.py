@@ -1,11 +1,24 @@
 """Sliced MLP / attention (SAT's fast paths) against their masked dense references (sat.md §8.1-8.2)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 from kernels.sliced_attention import SlicedAttention, attention_ref, head_slices, sliced_attention
-from kernels.sliced_mlp import SlicedMLP, mlp_ref, sliced_mlp
+from kernels.sliced_mlp import (
+    SlicedMLP,
+    gelu_backward_colsum_ref,
+    gelu_backward_colsum_triton,
+    mlp_ref,
+    sliced_mlp,
+)
 from model.gpt import MLP, CausalSelfAttention, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _params(d: int, hidden: int, bias: bool, device="cpu"):
@@ -126,3 +139,54 @@ def test_head_slices_batched_rows_match_single():
     for i in range(2):
         r, c = head_slices(heads[i], n_head=4, head_dim=3)
         assert torch.equal(rows[i], r) and torch.equal(cols[i], c)
+
+
+def test_gelu_backward_colsum_ref_hand_case():
+    # gelu'(0) = 1/2; so dh = da/2 at h = 0, and the column sums add the rows
+    da = torch.tensor([[2.0, -4.0], [6.0, 8.0]])
+    dh, db = gelu_backward_colsum_ref(da, torch.zeros(2, 2))
+    assert torch.equal(dh, da / 2) and torch.equal(db, torch.tensor([4.0, 2.0]))
+
+
+# The fused GELU-backward + bias-gradient kernel under Triton's CPU interpreter (a subprocess, so TRITON_INTERPRET
+# never reaches other tests): rows and columns ragged against the tiles, a row loop of several steps, the default.
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    """
+    import tests.triton_interp  # noqa: F401  (interpreter on, numpy shim)
+    import torch
+
+    from kernels.sliced_mlp import COLSUM_TILE, gelu_backward_colsum_ref, gelu_backward_colsum_triton
+    torch.manual_seed(0)
+    for (n, k), tile in [((300, 200), (64, 16, 64, 4)), ((200, 100), COLSUM_TILE), ((5, 3), (16, 8, 16, 1))]:
+        da, h = torch.randn(n, k), 3 * torch.randn(n, k)
+        got = gelu_backward_colsum_triton(da, h, tile)
+        for a, b in zip(got, gelu_backward_colsum_ref(da, h), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.slow
+def test_gelu_colsum_kernel_matches_ref_in_interpreter():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_gelu_colsum_kernel_bf16_cuda():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    da = torch.randn(16384, 768, device="cuda", generator=g).bfloat16()
+    h = (3 * torch.randn(16384, 768, device="cuda", generator=g)).bfloat16()
+    dh, db = gelu_backward_colsum_triton(da, h)
+    want_dh, want_db = gelu_backward_colsum_ref(da, h)
+    assert dh.dtype == torch.bfloat16 and db.dtype == torch.float32
+    # dh: one bf16 rounding apart at most (the fp32 math differs in its last bits, which flips a few roundings);
+    # db sums those, so its bound scales with each column's sum of |dh|
+    torch.testing.assert_close(dh.float(), want_dh.float(), atol=1e-2, rtol=1e-2)
+    assert ((db - want_db).abs() <= 1e-4 * want_dh.float().abs().sum(0)).all()
