@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,8 +15,7 @@ from kernels.block_sparse import (
     build_block_mask_info,
     expand_block_mask,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.interpreted import run_interpreted
 
 
 def _random_mask(rows: int, cols: int, density: float) -> torch.Tensor:
@@ -418,10 +414,7 @@ _INTERPRETER_CHECK = textwrap.dedent(
 
 @pytest.mark.slow  # ~15 s on 2 CPU cores
 def test_triton_kernels_match_reference_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_interpreted(_INTERPRETER_CHECK)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 

@@ -3,17 +3,13 @@ hand-built case (CPU), and its Triton MVUE+pack equals MVUE then the reference p
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from kernels import cslt_pack as cp
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.interpreted import run_interpreted
 
 
 def _random_24(m: int, k: int, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
@@ -91,8 +87,7 @@ _INTERP = textwrap.dedent(
 
 def test_mvue_pack_kernel_matches_reference_in_interpreter():
     pytest.importorskip("triton")
-    res = subprocess.run([sys.executable, "-c", _INTERP], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    res = run_interpreted(_INTERP)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 

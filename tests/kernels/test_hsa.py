@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -22,8 +19,7 @@ from kernels.hsa_attention import (
     make_hsa_attend,
 )
 from model.gpt import GPT, GPTConfig, causal_attention
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.interpreted import run_interpreted
 
 
 def test_sparse_mask_T8_l3_by_hand():
@@ -247,11 +243,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_triton_kernel_matches_ref_in_interpreter():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_interpreted(_INTERPRETER_SCRIPT)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -1,8 +1,5 @@
 """Sliced MLP / attention (SAT's fast paths) against their masked dense references (sat.md §8.1-8.2)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,8 +14,7 @@ from kernels.sliced_mlp import (
     sliced_mlp,
 )
 from model.gpt import MLP, CausalSelfAttention, GPTConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.interpreted import run_interpreted
 
 
 def _params(d: int, hidden: int, bias: bool, device="cpu"):
@@ -170,11 +166,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_gelu_colsum_kernel_matches_ref_in_interpreter():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = run_interpreted(_INTERPRETER_SCRIPT)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
