@@ -12,6 +12,9 @@ dtype in one pass, which replaces the full-matrix cast that autocast does for th
 cheaper than what the dense layer pays. Caching compact copies across micro-batches would need extra module state
 that DDP would broadcast (as buffers) or that torch.compile would guard on (as attributes); the per-call gather
 keeps the Function a pure function of (x, params, idx) and compiles to one fused gather+cast kernel.
+
+Backward's own passes, beyond its four GEMMs: dX and the weight gradients come out of their GEMMs in fp32 (no cast
+pass), and GELU's backward and c_fc's bias gradient are one Triton kernel (`gelu_backward_colsum_triton`).
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def gelu_backward_colsum_triton(da: torch.Tensor, h: torch.Tensor, tile: tuple[i
 
 
 def _gelu_colsum(da: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    fast = da.is_cuda and triton_available()
+    fast = da.is_cuda and da.numel() > 0 and triton_available()  # (an empty grid is not a Triton launch)
     return (gelu_backward_colsum_triton if fast else gelu_backward_colsum_ref)(da, h)
 
 
