@@ -1,9 +1,6 @@
 """2:4 kernels against their definitions (spec 2of4.md §11, items 1-3, 7, 8)."""
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,6 +9,7 @@ import torch.nn.functional as F
 
 from kernels import semi24 as s
 from model.gpt import MLP, GPTConfig
+from tests.interpreted import check_interpreted
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
@@ -206,6 +204,7 @@ def test_sparse_mlp_runs_eagerly_on_cpu_and_equals_the_plain_mlp():
 
 _TRITON_CHECK = textwrap.dedent(
     """
+    import tests.triton_interp  # noqa: F401  (interpreter on, numpy shim)
     import torch
     from kernels import semi24 as s
     from kernels import semi24_triton as st
@@ -235,11 +234,7 @@ _TRITON_CHECK = textwrap.dedent(
 @pytest.mark.slow
 def test_triton_kernels_match_reference_in_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=240)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    check_interpreted(_TRITON_CHECK, timeout=240)
 
 
 # ------------------------------------------------------------------------------------------------------- GPU

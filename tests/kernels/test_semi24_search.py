@@ -1,15 +1,13 @@
 """The transposable 2:4 search kernel (kernels/semi24_triton.py) returns exactly transposable_search_ref's indices:
 near-ties and exact ties included (spec 2of4.md §11, item 1)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from kernels import semi24 as s
+from tests.interpreted import check_interpreted
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
@@ -82,10 +80,7 @@ _INTERPRETER_CHECK = textwrap.dedent(
 @pytest.mark.slow
 def test_search_kernel_matches_reference_in_interpreter():
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], cwd=root, capture_output=True, text=True,
-                         timeout=240)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    check_interpreted(_INTERPRETER_CHECK, timeout=240)
 
 
 # ------------------------------------------------------------------------------------------------------- GPU
