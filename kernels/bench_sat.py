@@ -88,15 +88,15 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: st
 
 
 def reference(fn: Callable[..., torch.Tensor], x: torch.Tensor, dy: torch.Tensor, params: list, *args) -> list:
-    """[y, dx, *param grads] of fn(x, *params, *args) (a masked dense reference), eager under bf16 autocast."""
+    """[y, dx, *param grads] of fn(x, *params, *args) (a masked dense reference), eager under bf16 autocast.
+
+    It runs on copies of x and the parameters: a captured CUDA graph rewrites the .grad tensors it allocated, so a
+    reference that set the real parameters' .grad would leave the caller reading its own stale gradients."""
     x = x.detach().clone().requires_grad_()
-    for p in params:
-        p.grad = None
+    params = [p.detach().clone().requires_grad_() for p in params]
     with torch.autocast(x.device.type, torch.bfloat16):
         y = fn(x, *params, *args)
     y.backward(dy)
-    # y detached: an output that keeps its autograd graph alive keeps the parameters' AccumulateGrad nodes (made on
-    # the default stream) alive too, and a later CUDA-graph capture of the same parameters then fails
     return [y.detach(), x.grad] + [p.grad for p in params]
 
 
