@@ -3,9 +3,9 @@
 Reference (`mlp_ref`, the spec): the masked dense MLP  y = (gelu(x W1ᵀ + b1) ⊙ m) W2ᵀ + b2,  m = 1 on kept channels.
 
 Fast path (`sliced_mlp`): one autograd.Function of explicit GEMMs on the kept rows of c_fc and the kept columns of
-c_proj. Never autograd through `W[idx]` (0.98x measured, sat.md §6): the gather is a plain copy, and backward writes
-the compact gradients into full-size ones with `index_copy_`, so omitted rows get exactly zero and every parameter
-has a full `.grad` (DDP's reducer and the fused AdamW see the dense layout).
+c_proj. Never autograd through `W[idx]` (0.98x measured, sat.md §6): the gather is a plain copy, and backward expands
+the compact gradients into full-size ones (a gather through the kept set's inverse, `positions`), so omitted rows
+get exactly zero and every parameter has a full `.grad` (DDP's reducer and the fused AdamW see the dense layout).
 
 Why gather on every call instead of once per optimizer step: the gather reads k rows and casts them to the compute
 dtype in one pass, which replaces the full-matrix cast that autocast does for the dense Linear anyway, so it is
@@ -52,6 +52,24 @@ def scatter(like: tuple, idx: torch.Tensor, dim: int, compact: torch.Tensor) -> 
     return torch.zeros(shape, dtype=dtype, device=compact.device).index_copy_(dim, idx, compact.to(dtype))
 
 
+def positions(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """The inverse of kept sets idx (..., k) over `size` channels: pos (..., size) with pos[..., idx[..., i]] = i,
+    and -1 at omitted channels."""
+    rank = torch.arange(idx.shape[-1], device=idx.device).expand(idx.shape)
+    return torch.full((*idx.shape[:-1], size), -1, dtype=torch.long, device=idx.device).scatter_(-1, idx, rank)
+
+
+def expand(compact: torch.Tensor, pos: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """scatter() as a gather: slice j along dim is compact's slice pos[j], or zeros where pos[j] = -1 (pos from
+    positions(), computed once per kept set), in dtype.
+
+    Every output element is written once and nothing is zero-filled first, so inductor makes it one kernel per
+    parameter, or folds it into a reduction that follows; the scatter is a fill kernel and a scatter kernel.
+    """
+    keep = (pos >= 0).view(*(-1 if i == dim else 1 for i in range(compact.dim())))
+    return torch.where(keep, compact.index_select(dim, pos.clamp_min(0)), 0).to(dtype)
+
+
 def meta(p: torch.Tensor | None) -> tuple | None:
     """(shape, dtype) of a parameter: backward needs only these to build its full-size gradient."""
     return None if p is None else (p.shape, p.dtype)
@@ -67,9 +85,10 @@ def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 
 def gelu_backward_colsum_ref(da: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dh, db): tanh-GELU's backward dh = gelu'(h) * da, and dh's column sums in fp32 (c_fc's bias gradient)."""
+    """(dh, part): tanh-GELU's backward dh = gelu'(h) * da, and partial column sums of dh in fp32 whose sum over
+    rows, part.sum(0), is c_fc's bias gradient (here one row: the whole sum)."""
     dh = torch.ops.aten.gelu_backward(da, h, approximate="tanh")
-    return dh, dh.sum(0, dtype=torch.float32)
+    return dh, dh.sum(0, dtype=torch.float32)[None]
 
 
 if triton is not None:
@@ -107,7 +126,8 @@ COLSUM_TILE = (128, 128, 64, 4)
 def gelu_backward_colsum_triton(da: torch.Tensor, h: torch.Tensor, tile: tuple[int, int, int, int] = COLSUM_TILE
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """gelu_backward_colsum_ref in one pass over (da, h): the bias gradient is summed from the dh tiles in
-    registers instead of a second read of dh (a ~9 µs reduction at 16k x 768 on an H200)."""
+    registers instead of a second read of dh (a ~9 µs reduction at 16k x 768 on an H200). part has one row per
+    ROWS rows of da; the caller's reduction of it fuses with the gradient's expand() into one small kernel."""
     da, h = da.contiguous(), h.contiguous()
     n, k = da.shape
     rows, block_m, block_n, warps = tile
@@ -116,16 +136,20 @@ def gelu_backward_colsum_triton(da: torch.Tensor, h: torch.Tensor, tile: tuple[i
     _gelu_bwd_colsum_kernel[(triton.cdiv(k, block_n), part.shape[0])](
         da, h, dh, part, n, k, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps
     )
-    return dh, part.sum(0)
+    return dh, part
+
+
+def _colsum_fast(da: torch.Tensor) -> bool:
+    return da.is_cuda and da.numel() > 0 and triton_available()  # (an empty grid is not a Triton launch)
 
 
 def _gelu_colsum(da: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    fast = da.is_cuda and da.numel() > 0 and triton_available()  # (an empty grid is not a Triton launch)
-    return (gelu_backward_colsum_triton if fast else gelu_backward_colsum_ref)(da, h)
+    return (gelu_backward_colsum_triton if _colsum_fast(da) else gelu_backward_colsum_ref)(da, h)
 
 
 def _gelu_colsum_fake(da: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(da), da.new_empty(da.shape[1], dtype=torch.float32)
+    rows = triton.cdiv(da.shape[0], COLSUM_TILE[0]) if _colsum_fast(da) else 1
+    return torch.empty_like(da), da.new_empty((rows, da.shape[1]), dtype=torch.float32)
 
 
 # A custom op, so that inductor runs the kernel whole instead of tracing into the Triton launch.
@@ -137,54 +161,61 @@ def _addmm(b: torch.Tensor | None, a: torch.Tensor, w_t: torch.Tensor) -> torch.
     return a @ w_t if b is None else torch.addmm(b, a, w_t)
 
 
+def fc_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu(h), h) with h = x wᵀ + b: c_fc and its GELU."""
+    h = _addmm(b, x, w.t())
+    return F.gelu(h, approximate="tanh"), h
+
+
 class _SlicedMLP(torch.autograd.Function):
     """y = gelu(x W1[idx]ᵀ + b1[idx]) W2[:, idx]ᵀ + b2 with explicit forward and backward GEMMs."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, idx, dtype):
+    def forward(ctx, x, w1, b1, w2, b2, idx, pos, dtype):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (n, d)
         w1k, b1k = gather(w1, idx, 0, dtype), gather(b1, idx, 0, dtype)  # (k, d), (k,)
         w2k, b2c = gather(w2, idx, 1, dtype), None if b2 is None else b2.detach().to(dtype)  # (d, k), (d,)
-        h = _addmm(b1k, x2, w1k.t())  # (n, k) pre-activation
-        a = F.gelu(h, approximate="tanh")
+        a, h = fc_gelu(x2, w1k, b1k)  # (n, k) activation and pre-activation
         y = _addmm(b2c, a, w2k.t())  # (n, d)
-        ctx.save_for_backward(x2, h, a, w1k, w2k, idx)
+        ctx.save_for_backward(x2, h, a, w1k, w2k, pos)
         ctx.x_dtype = x.dtype
         ctx.params = (meta(w1), meta(b1), meta(w2), meta(b2))
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, h, a, w1k, w2k, idx = ctx.saved_tensors
+        x2, h, a, w1k, w2k, pos = ctx.saved_tensors
         w1, b1, w2, b2 = ctx.params
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)  # (n, d)
         da = dy2 @ w2k  # (n, k)
         if b1 is not None and need[2]:  # gelu'(h) * da and its column sums, in one pass
-            dh, db1 = _gelu_colsum_op(da, h)
-            db1 = scatter(b1, idx, 0, db1)
+            dh, part = _gelu_colsum_op(da, h)
+            db1 = expand(part, pos, 1, b1[1]).sum(0)
         else:
             dh, db1 = torch.ops.aten.gelu_backward(da, h, approximate="tanh"), None
         dx = _mm_to(dh, w1k, ctx.x_dtype).view(*dy.shape[:-1], w1k.shape[1]) if need[0] else None
-        dw1 = scatter(w1, idx, 0, _mm_to(dh.t(), x2, w1[1])) if need[1] else None
-        dw2 = scatter(w2, idx, 1, _mm_to(dy2.t(), a, w2[1])) if need[3] else None
+        dw1 = expand(_mm_to(dh.t(), x2, w1[1]), pos, 0, w1[1]) if need[1] else None
+        dw2 = expand(_mm_to(dy2.t(), a, w2[1]), pos, 1, w2[1]) if need[3] else None
         db2 = dy2.sum(0, dtype=b2[1]) if b2 is not None and need[4] else None
-        return dx, dw1, db1, dw2, db2, None, None
+        return dx, dw1, db1, dw2, db2, None, None, None
 
 
 def sliced_mlp(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
-    idx: torch.Tensor,
+    idx: torch.Tensor, pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GPT-2 MLP on the kept channels idx (sorted int64, on x's device). w1 (4d, d), w2 (d, 4d); x (..., d)."""
-    return _SlicedMLP.apply(x, w1, b1, w2, b2, idx, compute_dtype(x))
+    """GPT-2 MLP on the kept channels idx (sorted int64, on x's device). w1 (4d, d), w2 (d, 4d); x (..., d).
+    pos = positions(idx, 4d), computed here if not given (SlicedMLP keeps it with its kept set)."""
+    pos = positions(idx, w1.shape[0]) if pos is None else pos
+    return _SlicedMLP.apply(x, w1, b1, w2, b2, idx, pos, compute_dtype(x))
 
 
 def mlp_ref(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
-    idx: torch.Tensor,
+    idx: torch.Tensor, pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The masked dense MLP: every channel is computed, the omitted ones are zeroed before c_proj."""
+    """The masked dense MLP: every channel is computed, the omitted ones are zeroed before c_proj (pos unused)."""
     mask = torch.zeros(w1.shape[0], device=x.device, dtype=x.dtype).index_fill_(0, idx, 1.0)
     return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh") * mask, w2, b2)
 
@@ -205,11 +236,17 @@ class SlicedMLP(nn.Module):
         self.c_fc, self.gelu, self.c_proj, self.dropout = mlp.c_fc, mlp.gelu, mlp.c_proj, mlp.dropout
         self.impl = IMPLS[select(IMPLS, backend, {})]
         self.kept: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None  # positions(kept): where backward's gradients gather from
         self.hook = None
 
-    def set_kept(self, idx: torch.Tensor | None) -> None:
-        """Set the kept channels; same-size updates are copied in place so torch.compile sees a stable tensor."""
+    def set_kept(self, idx: torch.Tensor | None, pos: torch.Tensor | None = None) -> None:
+        """Set the kept channels (and their positions(), computed here if not given: SAT passes rows of its
+        per-layer-stack buffer, which it rewrites in place); same-size updates are copied in place so
+        torch.compile sees stable tensors."""
         self.kept = _assign(self.kept, idx, self.c_fc.weight.device)
+        if idx is not None and pos is None:
+            pos = positions(self.kept, self.c_fc.out_features)
+        self.pos = _assign(self.pos, pos, self.c_fc.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hook is not None and self.training:
@@ -217,7 +254,7 @@ class SlicedMLP(nn.Module):
         if self.kept is None or not self.training:
             return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
         fc, proj = self.c_fc, self.c_proj
-        return self.dropout(self.impl(x, fc.weight, fc.bias, proj.weight, proj.bias, self.kept))
+        return self.dropout(self.impl(x, fc.weight, fc.bias, proj.weight, proj.bias, self.kept, self.pos))
 
 
 def _assign(old: torch.Tensor | None, new: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from kernels.sliced_attention import SlicedAttention, head_slices
-from kernels.sliced_mlp import SlicedMLP
+from kernels.sliced_mlp import SlicedMLP, positions
 from model.flops import FlopProfile, LinearCost
 from model.gpt import MLP, CausalSelfAttention, GPTConfig
 from sparsity.base import Method
@@ -255,6 +255,7 @@ class _Group:
     kept: torch.Tensor | None = None  # (L, k) on the device; the modules hold its rows (and rows/cols for heads)
     rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
+    pos: torch.Tensor | None = None  # MLPs: (L, 4d) positions(kept), where the sliced backward gathers from
 
 
 class SAT(Method):
@@ -377,14 +378,17 @@ class SAT(Method):
             group.kept = kept.clone()
             group.rows, group.cols = (None, None) if layers[0].is_mlp else \
                 head_slices(group.kept, layers[0].module.n_head, layers[0].module.head_dim)
+            group.pos = positions(group.kept, layers[0].n) if layers[0].is_mlp else None
             for layer in layers:
-                args = (group.kept[layer.row],) if layer.is_mlp else \
+                args = (group.kept[layer.row], group.pos[layer.row]) if layer.is_mlp else \
                     (group.kept[layer.row], group.rows[layer.row], group.cols[layer.row])
                 layer.module.set_kept(None)
                 layer.module.set_kept(*args)
             return
         group.kept.copy_(kept)
-        if not layers[0].is_mlp:
+        if layers[0].is_mlp:
+            group.pos.copy_(positions(kept, layers[0].n))
+        else:
             rows, cols = head_slices(kept, layers[0].module.n_head, layers[0].module.head_dim)
             group.rows.copy_(rows)
             group.cols.copy_(cols)
@@ -416,7 +420,7 @@ class SAT(Method):
         self.kept, self.scores = {}, {}
         for is_mlp, group in self.groups.items():
             if is_mlp not in sparse and group.kept is not None:
-                group.kept = group.rows = group.cols = None
+                group.kept = group.rows = group.cols = group.pos = None
                 for layer in group.layers:
                     layer.module.set_kept(None)  # the exact dense path
         observe_now = bool(sparse) and self.needs_data and cfg.variant == "observe"

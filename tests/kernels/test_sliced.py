@@ -8,9 +8,12 @@ import torch
 from kernels.sliced_attention import SlicedAttention, attention_ref, head_slices, sliced_attention
 from kernels.sliced_mlp import (
     SlicedMLP,
+    expand,
     gelu_backward_colsum_ref,
     gelu_backward_colsum_triton,
     mlp_ref,
+    positions,
+    scatter,
     sliced_mlp,
 )
 from model.gpt import MLP, CausalSelfAttention, GPTConfig
@@ -140,8 +143,22 @@ def test_head_slices_batched_rows_match_single():
 def test_gelu_backward_colsum_ref_hand_case():
     # gelu'(0) = 1/2; so dh = da/2 at h = 0, and the column sums add the rows
     da = torch.tensor([[2.0, -4.0], [6.0, 8.0]])
-    dh, db = gelu_backward_colsum_ref(da, torch.zeros(2, 2))
-    assert torch.equal(dh, da / 2) and torch.equal(db, torch.tensor([4.0, 2.0]))
+    dh, part = gelu_backward_colsum_ref(da, torch.zeros(2, 2))
+    assert torch.equal(dh, da / 2) and torch.equal(part, torch.tensor([[4.0, 2.0]]))
+
+
+def test_positions_invert_kept_sets_and_expand_gathers_through_them():
+    idx = torch.tensor([[1, 3], [0, 2]])
+    pos = positions(idx, 4)
+    assert torch.equal(pos, torch.tensor([[-1, 0, -1, 1], [0, -1, 1, -1]]))
+    assert torch.equal(positions(idx[1], 4), pos[1])
+    compact = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # (3, k=2): columns are the kept channels 1 and 3
+    assert torch.equal(expand(compact, pos[0], 1, torch.float64),
+                       torch.tensor([[0, 1, 0, 2], [0, 3, 0, 4], [0, 5, 0, 6]], dtype=torch.float64))
+    rows = expand(compact.t(), pos[0], 0, torch.float32)  # rows along dim 0
+    assert torch.equal(rows, expand(compact, pos[0], 1, torch.float32).t())
+    assert torch.equal(expand(compact.t(), pos[0], 0, torch.float32), scatter(((4, 3), torch.float32), idx[0], 0,
+                                                                              compact.t()))
 
 
 # The fused GELU-backward + bias-gradient kernel under Triton's CPU interpreter (a subprocess, so TRITON_INTERPRET
@@ -155,9 +172,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     for (n, k), tile in [((300, 200), (64, 16, 64, 4)), ((200, 100), COLSUM_TILE), ((5, 3), (16, 8, 16, 1))]:
         da, h = torch.randn(n, k), 3 * torch.randn(n, k)
-        got = gelu_backward_colsum_triton(da, h, tile)
-        for a, b in zip(got, gelu_backward_colsum_ref(da, h), strict=True):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        (dh, part), (want_dh, want_db) = gelu_backward_colsum_triton(da, h, tile), gelu_backward_colsum_ref(da, h)
+        assert part.shape == (-(-n // tile[0]), k)  # one row of partial sums per ROWS rows
+        torch.testing.assert_close(dh, want_dh, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(part.sum(0, keepdim=True), want_db, atol=1e-5, rtol=1e-5)
     print("ok")
     """
 )
@@ -174,8 +192,8 @@ def test_gelu_colsum_kernel_bf16_cuda():
     g = torch.Generator(device="cuda").manual_seed(0)
     da = torch.randn(16384, 768, device="cuda", generator=g).bfloat16()
     h = (3 * torch.randn(16384, 768, device="cuda", generator=g)).bfloat16()
-    dh, db = gelu_backward_colsum_triton(da, h)
-    want_dh, want_db = gelu_backward_colsum_ref(da, h)
+    dh, part = gelu_backward_colsum_triton(da, h)
+    (want_dh, want_db), db = gelu_backward_colsum_ref(da, h), part.sum(0, keepdim=True)
     assert dh.dtype == torch.bfloat16 and db.dtype == torch.float32
     # dh: one bf16 rounding apart at most (the fp32 math differs in its last bits, which flips a few roundings);
     # db sums those, so its bound scales with each column's sum of |dh|
