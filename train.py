@@ -10,6 +10,7 @@ Everything method-specific happens inside the `method` object's hooks (sparsity/
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -157,14 +159,31 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
     if t.compile and device.type == "cuda":
         # dynamo's default limit (8 graphs a frame) would run the rest of a long MST-block run eagerly
         limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, method.compiled_graphs())
-        train_model = torch.compile(model, mode=t.compile_mode)
+        if t.compile_scope == "blocks":  # every block's states share the one Block.forward code
+            torch._dynamo.config.recompile_limit = max(limit, method.compiled_graphs() * cfg.model.n_layer)
+            train_model = compile_blocks(model, mode=t.compile_mode)
+        else:
+            torch._dynamo.config.recompile_limit = max(limit, method.compiled_graphs())
+            train_model = torch.compile(model, mode=t.compile_mode)
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * dist.world_size
     graphs = train_model is not model and t.compile_mode == "reduce-overhead"
     return Run(cfg, model, train_model, method, optimizer, scaler, data, autocast, device, dist, tokens_per_step,
                graphs)
+
+
+def compile_blocks(model: GPT, **compile_kwargs) -> GPT:
+    """A view of model (same parameters, buffers and submodules) whose blocks and head run compiled, each block as
+    its own region; model itself stays uncompiled for evaluation and sampling. The blocks are one class, so dynamo
+    compiles Block.forward once and reuses it for every block whose state (shapes, a method's flags) it has seen."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view.transformer = copy.copy(model.transformer)
+    view.transformer._modules = dict(model.transformer._modules)
+    view.transformer.h = nn.ModuleList(torch.compile(b, **compile_kwargs) for b in model.transformer.h)
+    view.head = torch.compile(model.head, **compile_kwargs)
+    return view
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:

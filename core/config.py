@@ -63,6 +63,10 @@ class TrainConfig:
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead (CUDA-graph replays of forward and backward: no host work per op,
     worth it where a step is host-bound) | max-autotune-no-cudagraphs."""
+    compile_scope: str = "model"
+    """model (one torch.compile of the whole model) | blocks (each transformer block and the head compiled as its
+    own region: the blocks share one compiled code, so a cold compile, and each recompile a method's schedule
+    causes, covers one block instead of all of them)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     init_from: str = ""
@@ -84,6 +88,8 @@ class TrainConfig:
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
             modes = "default, reduce-overhead or max-autotune-no-cudagraphs"
             raise ValueError(f"train.compile_mode must be {modes}, got {self.compile_mode!r}")
+        if self.compile_scope not in ("model", "blocks"):
+            raise ValueError(f"train.compile_scope must be model or blocks, got {self.compile_scope!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"train.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -1,4 +1,5 @@
-"""train.compile_mode: CUDA-graph replays (reduce-overhead) train exactly what the default compiled step trains.
+"""train.compile_mode: CUDA-graph replays (reduce-overhead) train exactly what the default compiled step trains;
+train.compile_scope=blocks (each block its own compiled region) trains what the whole-model compile trains.
 
 A replayed graph re-runs the kernels it recorded with the addresses it recorded: method state that reaches a graph
 other than as a tensor input (a Python int, a tensor swapped for a new one behind the graph's back) would be replayed
@@ -11,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.gpt import GPT, Block, GPTConfig
 from tests.helpers import tiny_config
-from train import TrainError, setup, train_step
+from train import TrainError, compile_blocks, setup, train_step
 
 MST = ["mst.warmup_frac=0", "mst.delta_t=3", "mst.hsa_stride=16", "mst.hsa_end=0.6"]
 CASES = {  # name: (method, overrides)
@@ -27,10 +29,10 @@ CASES = {  # name: (method, overrides)
 }
 
 
-def _losses(root, method: str, mode: str, extra: list[str]) -> tuple[list[float], torch.Tensor]:
+def _losses(root, method: str, mode: str, extra: list[str], scope: str = "model") -> tuple[list[float], torch.Tensor]:
     torch._dynamo.reset()
     cfg = tiny_config(root, method, ["train.device=cuda", "train.compile=true", f"train.compile_mode={mode}",
-                                     "train.steps=10", "model.block_size=64", *extra])
+                                     f"train.compile_scope={scope}", "train.steps=10", "model.block_size=64", *extra])
     run = setup(cfg)
     losses = [train_step(run, step)[0].item() for step in range(cfg.train.steps)]
     return losses, run.model.lm_head.weight.detach().float().cpu()
@@ -55,3 +57,37 @@ def test_reduce_overhead_refused_for_a_method_that_cannot_be_replayed(tmp_path):
     cfg = tiny_config(tmp_path, "2of4", ["train.compile=true", "train.compile_mode=reduce-overhead"])
     with pytest.raises(TrainError, match="2of4.*reduce-overhead"):
         setup(cfg)
+
+
+def test_compile_blocks_is_a_view_with_the_same_function():
+    """The regions view shares every parameter, leaves the model itself uncompiled, and computes the same loss and
+    gradients (dynamo with the eager backend: the CPU has no inductor budget here; the GPU test below compiles)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, bias=True))
+    view = compile_blocks(model, backend="eager")
+    assert all(type(b) is Block for b in model.transformer.h) and "head" not in vars(model)
+    assert all(a is b for a, b in zip(model.parameters(), view.parameters(), strict=True))
+    idx = torch.randint(0, 32, (2, 8))
+    grads = []
+    for m in (model, view):
+        model.zero_grad(set_to_none=True)
+        m(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["dense", "mst-block-ramp", "sat"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_blocks_train_what_the_compiled_model_trains(tmp_path, case, mode):
+    method, overrides = CASES[case]
+    ref, w_ref = _losses(tmp_path, method, mode, overrides)
+    got, w_got = _losses(tmp_path, method, mode, overrides, scope="blocks")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=2e-3, atol=2e-3)
+    # regions fuse bf16 sums differently, so an MST mask near-tie may go the other way: on the H200 one lm_head entry
+    # of 4096 was pruned in one run and kept in the other (mst-block-ramp, reduce-overhead), with every loss equal to
+    # 1e-4. Entries with the same zero pattern must agree; the pattern itself may differ in a few near-ties.
+    same = (w_got == 0) == (w_ref == 0)
+    assert same.float().mean() >= 0.999
+    torch.testing.assert_close(w_got[same], w_ref[same], rtol=1e-2, atol=1e-3)
