@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from kernels.sliced_attention import head_slices
+from kernels.sliced_mlp import positions
 from model.gpt import GPT, GPTConfig
 from sparsity.sat import SAT, SATConfig, _observe_attn, _observe_mlp, kept_count, omission_rate, select_kept
 from tests.helpers import method_step
@@ -288,10 +289,13 @@ def test_kept_sets_live_in_one_buffer_rewritten_in_place():
     _run(model, method, opt, range(1))
     mlps = [model.transformer.h[i].mlp for i in range(2)]
     attn = model.transformer.h[1].attn
-    before = [m.kept for m in mlps], (attn.kept, attn.rows, attn.cols)
+    before = [m.kept for m in mlps], (attn.kept, attn.rows, attn.cols), [m.pos for m in mlps]
     snap = [m.kept.clone() for m in mlps]
     _run(model, method, opt, range(1, 3))
     assert all(m.kept is b for m, b in zip(mlps, before[0], strict=True))
+    # the gradient expand's inverse map is rewritten with the kept sets: same tensors, the new sets' positions
+    assert all(m.pos is b and torch.equal(m.pos, positions(m.kept, m.c_fc.out_features))
+               for m, b in zip(mlps, before[2], strict=True))
     assert (attn.kept, attn.rows, attn.cols) == before[1]
     assert not all(torch.equal(m.kept, s) for m, s in zip(mlps, snap, strict=True))  # resampled each step
     group = method.groups[True]
