@@ -158,13 +158,10 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
     train_model = model
     if t.compile and device.type == "cuda":
         # dynamo's default limit (8 graphs a frame) would run the rest of a long MST-block run eagerly
-        limit = torch._dynamo.config.recompile_limit
-        if t.compile_scope == "blocks":  # every block's states share the one Block.forward code
-            torch._dynamo.config.recompile_limit = max(limit, method.compiled_graphs() * cfg.model.n_layer)
-            train_model = compile_blocks(model, mode=t.compile_mode)
-        else:
-            torch._dynamo.config.recompile_limit = max(limit, method.compiled_graphs())
-            train_model = torch.compile(model, mode=t.compile_mode)
+        blocks = t.compile_scope == "blocks"  # then every block's states share the one Block.forward code
+        graphs = method.compiled_graphs() * (cfg.model.n_layer if blocks else 1)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+        train_model = (compile_blocks if blocks else torch.compile)(model, mode=t.compile_mode)
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * dist.world_size

@@ -161,12 +161,6 @@ def _addmm(b: torch.Tensor | None, a: torch.Tensor, w_t: torch.Tensor) -> torch.
     return a @ w_t if b is None else torch.addmm(b, a, w_t)
 
 
-def fc_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gelu(h), h) with h = x wᵀ + b: c_fc and its GELU."""
-    h = _addmm(b, x, w.t())
-    return F.gelu(h, approximate="tanh"), h
-
-
 class _SlicedMLP(torch.autograd.Function):
     """y = gelu(x W1[idx]ᵀ + b1[idx]) W2[:, idx]ᵀ + b2 with explicit forward and backward GEMMs."""
 
@@ -175,7 +169,8 @@ class _SlicedMLP(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (n, d)
         w1k, b1k = gather(w1, idx, 0, dtype), gather(b1, idx, 0, dtype)  # (k, d), (k,)
         w2k, b2c = gather(w2, idx, 1, dtype), None if b2 is None else b2.detach().to(dtype)  # (d, k), (d,)
-        a, h = fc_gelu(x2, w1k, b1k)  # (n, k) activation and pre-activation
+        h = _addmm(b1k, x2, w1k.t())  # (n, k) pre-activation
+        a = F.gelu(h, approximate="tanh")
         y = _addmm(b2c, a, w2k.t())  # (n, d)
         ctx.save_for_backward(x2, h, a, w1k, w2k, pos)
         ctx.x_dtype = x.dtype
