@@ -4,6 +4,7 @@ sweep of the kernel's launch configurations.
     python -m kernels.bench_hsa --out results/bench_hsa.json [--quick]
     python -m kernels.bench_hsa --sweep --out results/hsa_sweep.json    # the two target cases, < 3 min on an H100
     python -m kernels.bench_hsa --host-cost --out host.json  # any machine: a compiled call's host work (host_cost)
+    python -m kernels.bench_hsa --per-kernel --quick --out k.json   # each kernel alone: ms, bytes, GB/s
 
 Bench: for each (T, l), forward and forward+backward of every variant (median of --iters calls) in two modes:
 - eager: calls queued back to back with a CUDA event pair around each, as training issues them. Where the host's
@@ -233,6 +234,48 @@ def sweep_case(
     return result
 
 
+KERNELS = ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel")
+
+
+def hbm_bytes(T: int, B: int, n_head: int = N_HEAD, head_dim: int = HEAD_DIM, elt: int = 2) -> dict[str, int]:
+    """The bytes each kernel must move to or from HBM at least: every (B, nh, T, hs) tensor it reads or writes once
+    (t), lse and delta in fp32 (s).
+    - strided fwd: q, k, v -> o, lse; band fwd: q, k, v, o, lse -> o, lse;
+    - strided bwd: q, k, v, o, dO, lse -> dQ, dK, dV, delta; band bwd: q, k, v, dO, lse, delta, dQ, dK, dV -> dQ, dK,
+      dV;
+    - `one_pass`: a design reading each input once (fwd: q, k, v -> o, lse; bwd: q, k, v, o, dO, lse -> dQ, dK, dV)."""
+    t, s = B * n_head * T * head_dim * elt, B * n_head * T * 4
+    per = {"_strided_fwd_kernel": 4 * t + s, "_band_fwd_kernel": 5 * t + 2 * s,
+           "_strided_bwd_kernel": 8 * t + 2 * s, "_band_bwd_kernel": 10 * t + 2 * s}  # fmt: skip
+    return per | {"two_pass": sum(per.values()), "one_pass": (4 * t + s) + (8 * t + s)}
+
+
+def kernel_rows(T: int, stride: int, B: int, warmup: int, iters: int) -> dict:
+    """Each kernel alone as CUDA-graph replays (the other three stubbed out while the pass is captured), plain
+    (B, nh, T, hs) inputs: its ms, its hbm_bytes and the bandwidth that makes; both passes whole, and causal flash
+    SDPA's forward and fwd+bwd for scale."""
+    qkv, do = make_inputs(T, B, "cuda")
+    q, k, v = (qkv[:, :, n].transpose(1, 2).contiguous() for n in range(3))
+    o, lse = hsa.hsa_forward(q, k, v, stride)
+    passes = {"fwd": lambda: hsa.hsa_forward(q, k, v, stride),
+              "bwd": lambda: hsa.hsa_backward(q, k, v, o, lse, do, stride)}  # fmt: skip
+    graph_ms = lambda fn: time_call(fn, "graph", warmup, iters)
+    nbytes = hbm_bytes(T, B)
+    row: dict = {"T": T, "stride": stride, "B": B, "kernels": {}}
+    for name in KERNELS:
+        others = tuple(n for n in KERNELS if n != name)
+        with stubbed_launches(hsa, others):
+            ms = graph_ms(passes["fwd" if "fwd" in name else "bwd"])
+        row["kernels"][name] = {"ms": ms, "bytes": nbytes[name], "GB_per_s": nbytes[name] / ms / 1e6}
+    row["hsa_fwd_ms"], row["hsa_bwd_ms"] = graph_ms(passes["fwd"]), graph_ms(passes["bwd"])
+    flash = _variants(stride)["sdpa_causal"]
+    row["flash_fwd_ms"] = time_call(make_call(flash, qkv, do, "bhtd", False), "graph", warmup, iters)
+    row["flash_fwd_bwd_ms"] = time_call(make_call(flash, qkv, do, "bhtd", True), "graph", warmup, iters)
+    row["hsa_speedup_fwd_bwd"] = row["flash_fwd_bwd_ms"] / (row["hsa_fwd_ms"] + row["hsa_bwd_ms"])
+    row["bytes_two_pass"], row["bytes_one_pass"] = nbytes["two_pass"], nbytes["one_pass"]
+    return row
+
+
 def _trial_text(trial: dict) -> str:
     if "error" in trial:
         return trial["error"]
@@ -323,6 +366,7 @@ def main(
     sweep: bool = typer.Option(False, help="Sweep launch configurations first (at --cases, else the --quick cases)."),
     budget_s: float = typer.Option(110.0, help="Sweep: start no configuration after this many seconds."),
     host_cost_: bool = typer.Option(False, "--host-cost", help="Only host_cost(), both backends (CPU)."),
+    per_kernel: bool = typer.Option(False, help="Only kernel_rows(): each kernel alone, its bytes and bandwidth."),
 ) -> None:
     if host_cost_:
         record = {backend: host_cost(compile_backend=backend) for backend in ("aot_eager", "inductor")}
@@ -353,6 +397,18 @@ def main(
             raise typer.BadParameter(f"--cases: comma-separated TxLxB, e.g. 1024x64x16,2048x64x8; got {cases_!r}")
     else:
         cases = QUICK_CASES if quick or sweep else CASES
+    if per_kernel:
+        record["per_kernel"] = []
+        for T, stride, B in cases:
+            row = kernel_rows(T, stride, B, warmup, iters)
+            record["per_kernel"].append(row)
+            write()
+            for name, r in row["kernels"].items():
+                print(f"T={T} l={stride} {name}: {r['ms']:.4f} ms, {r['bytes'] / 1e6:.0f} MB, {r['GB_per_s']:.0f} GB/s")
+            print(f"T={T} l={stride} hsa fwd {row['hsa_fwd_ms']:.4f} bwd {row['hsa_bwd_ms']:.4f} ms, flash fwd+bwd "
+                  f"{row['flash_fwd_bwd_ms']:.4f} ms: {row['hsa_speedup_fwd_bwd']:.2f}x")
+        print(f"wrote {out}")
+        return
     if sweep:
         record["sweep"] = []
         graph_timer = lambda fn: time_call(fn, "graph", warmup, iters)

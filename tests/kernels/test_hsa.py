@@ -345,3 +345,36 @@ def test_bench_rows_and_sweep_on_gpu():
         assert len(trials) == 2 and all(t["ok"] and t["ms"] > 0 for t in trials), trials
         assert swept["kernels"][name]["best"] == min(trials, key=lambda t: t["ms"])["launch"]
     assert swept["tuned_fwd_ms"] > 0 and swept["tuned_bwd_ms"] > 0 and swept["tuned_entry"].startswith("(256, 16, 64)")
+
+
+def test_hbm_bytes_by_hand():
+    from kernels import bench_hsa as bench
+
+    # B = nh = 1, T = 4, hs = 2, bf16: a (B, nh, T, hs) tensor is t = 16 bytes, lse s = 16 bytes
+    nb = bench.hbm_bytes(4, 1, n_head=1, head_dim=2)
+    assert nb["_strided_fwd_kernel"] == 4 * 16 + 16 and nb["_band_fwd_kernel"] == 5 * 16 + 32
+    assert nb["_strided_bwd_kernel"] == 8 * 16 + 32 and nb["_band_bwd_kernel"] == 10 * 16 + 32
+    assert nb["two_pass"] == 80 + 112 + 160 + 192 and nb["one_pass"] == 80 + 144
+
+
+def test_per_kernel_stubs_name_the_kernels_each_pass_launches():
+    """kernel_rows times one kernel by stubbing the other three: their names must be the module's, in launch order."""
+    from kernels import bench_hsa as bench
+    from kernels import hsa_attention as hsa
+    from kernels.benchutil import stubbed_launches
+
+    q, k, v, do = (torch.randn(1, 2, 128, 16) for _ in range(4))
+    with stubbed_launches(hsa, bench.KERNELS) as launches:
+        o, lse = hsa.hsa_forward(q, k, v, 16)
+        hsa.hsa_backward(q, k, v, o, lse, do, 16)
+    assert launches == list(bench.KERNELS)
+
+
+@pytest.mark.gpu
+def test_kernel_rows_on_gpu():
+    from kernels import bench_hsa as bench
+
+    row = bench.kernel_rows(256, 16, 2, warmup=1, iters=3)
+    assert list(row["kernels"]) == list(bench.KERNELS)
+    assert all(r["ms"] > 0 and r["GB_per_s"] > 0 for r in row["kernels"].values())
+    assert row["hsa_fwd_ms"] > 0 and row["flash_fwd_bwd_ms"] > 0
