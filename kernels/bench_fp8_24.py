@@ -67,9 +67,12 @@ def quant_ref(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return q, q.t().contiguous(), scale
 
 
-def quant_triton(t: torch.Tensor, bm: int = 64, bk: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quant_ref with the cast and the transpose in one pass (multiplying by 1/scale: within one e4m3 step)."""
-    scale = _scale(t)
+def quant_triton(
+    t: torch.Tensor, scale: torch.Tensor | None = None, bm: int = 64, bk: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quant_ref with the cast and the transpose in one pass (multiplying by 1/scale: within one e4m3 step); the
+    scale is aten's amax (_scale) unless given."""
+    scale = _scale(t) if scale is None else scale
     M, K = t.shape
     q = torch.empty(M, K, device=t.device, dtype=E4M3)
     qt = torch.empty(K, M, device=t.device, dtype=E4M3)
@@ -84,18 +87,13 @@ def scale_triton(t: torch.Tensor, block: int = 8192) -> torch.Tensor:
     return (amax.view(torch.float32)[0] / E4M3_MAX).clamp_min(1e-12)
 
 
-def quant_fused(t: torch.Tensor, bm: int = 64, bk: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quant_triton with the amax in one Triton pass too: two reads of t in all, the floor of current scaling."""
-    scale = scale_triton(t)
-    M, K = t.shape
-    q = torch.empty(M, K, device=t.device, dtype=E4M3)
-    qt = torch.empty(K, M, device=t.device, dtype=E4M3)
-    _cast_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](t.contiguous(), scale, q, qt, M, K, BM=bm, BK=bk)
-    return q, qt, scale
+def quant_fused(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quant_triton with the amax in Triton too: two reads of t in all, the floor of current scaling."""
+    return quant_triton(t, scale_triton(t))
 
 
 def quant(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return quant_triton(t) if t.is_cuda and triton_available() else quant_ref(t)
+    return quant_fused(t) if t.is_cuda and triton_available() else quant_ref(t)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
