@@ -43,6 +43,7 @@ KERNEL_BENCHES = {
     "sat": ["-m", "kernels.bench_sat", "--out"],
     "hsa": ["-m", "kernels.bench_hsa", "--out"],
     "block_sparse": ["-m", "kernels.bench_block_sparse", "--blocks", "64,128", "--out"],
+    "fp8_24": ["-m", "kernels.bench_fp8_24", "--out"],
 }
 
 
