@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 
 from kernels import triton_available
-from kernels.benchutil import capture, time_ms
+from kernels.benchutil import capture, rel_norm_err, time_ms
+from kernels.semi24 import _search_alg
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -96,9 +97,6 @@ def quant(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return quant_fused(t) if t.is_cuda and triton_available() else quant_ref(t)
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
 
 def transposable_pattern(o: int, i: int, device) -> torch.Tensor:
     """A transposable 2:4 mask: in every 4x4 block (r + c) % 4 < 2 keeps 2 per row and 2 per column."""
@@ -107,17 +105,9 @@ def transposable_pattern(o: int, i: int, device) -> torch.Tensor:
     return (r + c) % 4 < 2
 
 
-def _search(a: torch.Tensor, b: torch.Tensor) -> list[int]:
-    """cuSPARSELt's algorithm search for a bf16-output 2:4 GEMM, as torch returns it (alg_id first)."""
-    cus = getattr(torch._C, "_cusparselt", None)
-    if cus is not None and hasattr(cus, "mm_search"):
-        return [int(v) for v in cus.mm_search(a, b, None, None, BF16, True)]
-    return [int(torch._cslt_sparse_mm_search(a, b, None, None, BF16, True))]
-
-
-def _sparse_mm(a_packed: torch.Tensor, b: torch.Tensor, plan: list[int], alpha: torch.Tensor | None = None):
+def _sparse_mm(a_packed: torch.Tensor, b: torch.Tensor, alg_id: int, alpha: torch.Tensor | None = None):
     kw = {} if alpha is None else {"alpha": alpha}
-    return torch._cslt_sparse_mm(a_packed, b, alg_id=plan[0], out_dtype=BF16, transpose_result=True, **kw)
+    return torch._cslt_sparse_mm(a_packed, b, alg_id=alg_id, out_dtype=BF16, transpose_result=True, **kw)
 
 
 def shape_row(o: int, i: int, tokens: int, warmup: int = 10, reps: int = 100) -> dict:
@@ -149,24 +139,25 @@ def shape_row(o: int, i: int, tokens: int, warmup: int = 10, reps: int = 100) ->
         "dw": lambda: torch._scaled_mm(dqt, xqt.t(), sd, sx, out_dtype=BF16),
     }
     for k, fn in fp8.items():
-        row["rel_err"][f"fp8_{k}"] = rel(fn(), want[k])
+        row["rel_err"][f"fp8_{k}"] = rel_norm_err(fn(), want[k])
         timed(f"fp8_{k}", fn)
 
     try:
         wc, wtc = torch._cslt_compress(wq), torch._cslt_compress(wqt)
-        plans = {"fwd": _search(wc, xq.t()), "dx": _search(wtc, dq.t())}
+        plans = {"fwd": _search_alg(wc, xq.t(), True, BF16), "dx": _search_alg(wtc, dq.t(), True, BF16)}
     except Exception as e:  # noqa: BLE001 (no fp8 cuSPARSELt in this build)
         row["errors"]["fp8_24"] = f"{type(e).__name__}: {e}"[:400]
         return row
     row["fp8_24_plans"] = plans
     timed("fp8_compress_w_wt", lambda: (torch._cslt_compress(wq), torch._cslt_compress(wqt)))  # per optimizer step
-    sparse = {"fwd": lambda: _sparse_mm(wc, xq.t(), plans["fwd"]), "dx": lambda: _sparse_mm(wtc, dq.t(), plans["dx"])}
+    sparse = {"fwd": lambda: _sparse_mm(wc, xq.t(), plans["fwd"][0]),
+              "dx": lambda: _sparse_mm(wtc, dq.t(), plans["dx"][0])}
     scales = {"fwd": sw * sx, "dx": sw * sd}
     for k, fn in sparse.items():
-        row["rel_err"][f"fp8_24_{k}"] = rel(fn().float() * scales[k], want[k])
+        row["rel_err"][f"fp8_24_{k}"] = rel_norm_err(fn().float() * scales[k], want[k])
         timed(f"fp8_24_{k}", fn)
         timed(f"fp8_24_{k}_scaled", lambda fn=fn, k=k: fn().mul_(scales[k]))  # the scale as its own pass
-    timed("fp8_24_fwd_alpha", lambda: _sparse_mm(wc, xq.t(), plans["fwd"], alpha=scales["fwd"].reshape(1)))
+    timed("fp8_24_fwd_alpha", lambda: _sparse_mm(wc, xq.t(), plans["fwd"][0], alpha=scales["fwd"].reshape(1)))
 
     compiled = torch.compile(quant_ref)
     timed("quant_compiled", lambda: (compiled(x), compiled(dy)))

@@ -25,14 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from kernels import semi24 as s
-from kernels.benchutil import capture, time_ms
+from kernels.benchutil import capture, rel_norm_err, time_ms
 from model.gpt import MLP, GPTConfig
 
 _T0 = time.perf_counter()
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 class Row:
@@ -89,7 +86,7 @@ def bench_graphed(row: Row, lin: torch.nn.Linear, idx: torch.Tensor, x: torch.Te
         cap = s.GraphedFwdBwd(m, [w], xb)
         ref = s.Linear24.from_dense(lin, backend="ref", mvue=False)
         ref.set_mask(idx)
-        err["graphed_y"] = rel(cap(xb), ref(xb))
+        err["graphed_y"] = rel_norm_err(cap(xb), ref(xb))
         repack = lambda: (m.invalidate(), m.operands(dy.dtype))
         for tag, before in (("", None), ("+repack", repack)):
             ms[f"sparse_graphed_fwd_bwd{tag}"] = time_ms(_graphed_step(cap, x, dy, [w], before), warmup, reps)
@@ -154,7 +151,7 @@ def bench_mlp(d: int, T: int, warmup: int, reps: int, budget_s: float) -> dict:
             for r, lin in zip(refs, (m.c_fc, m.c_proj), strict=True):
                 r.set_mask(lin.mask_index)
             with ac:
-                err["mlp_graphed_y"] = rel(m(x * 1.0), refs[1](mlp.gelu(refs[0](x.detach()))))
+                err["mlp_graphed_y"] = rel_norm_err(m(x * 1.0), refs[1](mlp.gelu(refs[0](x.detach()))))
             # The replayed output above is already dropped: a live one would make the next call run eagerly.
             repack = lambda: [lin.invalidate() for lin in (m.c_fc, m.c_proj)]
             ms[f"{tag}+repack"] = time_ms(eager_step(m, repack), warmup, reps)
@@ -228,7 +225,7 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
                 y.backward(dy.to(y.dtype))
                 outs.append((y, xx.grad, w.grad.clone()))
             for k, a, b in zip(("y", "dx", "dw"), *outs, strict=True):
-                err[f"{backend}_{k}"] = rel(a, b)
+                err[f"{backend}_{k}"] = rel_norm_err(a, b)
 
         if not quick:  # --quick checks the graphed outputs only (graphed_y, mlp_graphed_y)
             row.run(f"check_{backend}", check, budget_s)
@@ -239,7 +236,7 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
     def search_fast():
         i2 = s.transposable_search(w)
         kept = lambda i: (w.abs() * s.mask_from_index(i)).sum()
-        err["search_kept_l1"] = rel(kept(i2), kept(idx))
+        err["search_kept_l1"] = rel_norm_err(kept(i2), kept(idx))
         err["search_blocks_differing"] = (i2 != idx).float().mean().item()
         ms["search_fast"] = time_ms(lambda: s.transposable_search(w), warmup, reps)
     row.run("search_fast", search_fast, budget_s)
@@ -249,7 +246,7 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
     def prune_pack():
         p, pt = s.prune24(w, idx, torch.bfloat16)
         ref = (w * s.mask_from_index(idx)).bfloat16()
-        err["prune"] = rel(p, ref) + rel(pt, ref.t())
+        err["prune"] = rel_norm_err(p, ref) + rel_norm_err(pt, ref.t())
         ms["prune"] = time_ms(lambda: s.prune24(w, idx, torch.bfloat16), warmup, reps)
         ms["compress_w_and_wt"] = time_ms(lambda: (torch._cslt_compress(p), torch._cslt_compress(pt)), warmup, reps)
         ms["prune_pack"] = ms["prune"] + ms["compress_w_and_wt"]
@@ -262,7 +259,7 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
     def mvue_pack():
         out = s.mvue24_t(dy, 1)
         ref = dy.t()
-        err["mvue_mean_rel_dev_1draw"] = rel(out, ref)  # one draw: noise, not bias; bias is tested in pytest
+        err["mvue_mean_rel_dev_1draw"] = rel_norm_err(out, ref)  # one draw: noise, not bias; bias is tested in pytest
         ms["mvue"] = time_ms(lambda: s.mvue24_t(dy, 1), warmup, reps)
         ms["mvue_compress"] = ms["mvue"] + time_ms(lambda: torch._cslt_compress(out), warmup, reps)
         return out
@@ -282,7 +279,7 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
                 row.data.setdefault("alg", {})[g] = [plan.alg_id, plan.split_k, plan.split_k_mode]
                 sparse = lambda: s._cslt_mm(a_c, b, tr, plan)
                 ref = (dyt.float() @ xb.float()) if g == "wgrad" else dense().float()
-                err[f"gemm_{g}"] = rel(sparse(), ref)
+                err[f"gemm_{g}"] = rel_norm_err(sparse(), ref)
                 ms[f"gemm_{g}_dense"] = time_ms(dense, warmup, reps)
                 ms[f"gemm_{g}_sparse"] = time_ms(sparse, warmup, reps)
                 sp[f"gemm_{g}"] = ms[f"gemm_{g}_dense"] / ms[f"gemm_{g}_sparse"]

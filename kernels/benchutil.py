@@ -59,6 +59,11 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
+def rel_norm_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got - want‖ / ‖want‖ (Frobenius), in fp32."""
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+
+
 class StubKernel:
     """Stands in for a Triton kernel: counts launches instead of running them."""
 

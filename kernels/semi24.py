@@ -269,13 +269,14 @@ def _cslt_mm(a_packed: torch.Tensor, b: torch.Tensor, transpose_result: bool, pl
     return torch._cslt_sparse_mm(a_packed, b, transpose_result=transpose_result, **kw)
 
 
-def _search_alg(a_packed: torch.Tensor, b: torch.Tensor, transpose_result: bool) -> tuple[int, int, int | bool]:
+def _search_alg(a_packed: torch.Tensor, b: torch.Tensor, transpose_result: bool,
+                out_dtype: torch.dtype | None = None) -> tuple[int, int, int | bool]:
     """cuSPARSELt's own algorithm search: (alg_id, split_k, split_k mode); the default alg is poor on H100."""
     cus = getattr(torch._C, "_cusparselt", None)
     if cus is not None and hasattr(cus, "mm_search"):
-        res = cus.mm_search(a_packed, b, None, None, None, transpose_result)
+        res = cus.mm_search(a_packed, b, None, None, out_dtype, transpose_result)
         return int(res[0]), int(res[1]), res[2]
-    return int(torch._cslt_sparse_mm_search(a_packed, b, None, None, None, transpose_result)), 1, -1
+    return int(torch._cslt_sparse_mm_search(a_packed, b, None, None, out_dtype, transpose_result)), 1, -1
 
 
 def _time_ms(fn, reps: int = 5) -> float:
