@@ -1,5 +1,5 @@
-"""Could fp8 e4m3 2:4 make the 2:4 linear fast? A measurement, not a training path: `python -m kernels.bench_fp8_24
---out r.json` (spec 2of4.md §10 lever 7; issue 6 asks for fp8 as an option if it pays).
+"""The parts of the fp8 e4m3 2:4 linear (`2of4.fp8`), each timed alone: `python -m kernels.bench_fp8_24 --out r.json`
+(spec 2of4.md §10 lever 7).
 
 Per GPT-2 MLP shape at 16k tokens, each GEMM of a linear's fwd+bwd (Y = X·Wᵀ, dX = dY·W, dW = dYᵀ·X) as CUDA-graph
 replays: bf16 dense (cuBLAS), fp8 dense (`torch._scaled_mm`, per-tensor scales) and fp8 2:4 (`_cslt_sparse_mm` on
@@ -7,7 +7,8 @@ the cuSPARSELt-compressed e4m3 W and Wᵀ, its algorithm searched; dW stays dens
 dYᵀ packed per call). Then what fp8 adds per call: the per-tensor quantization of X and dY into e4m3, both layouts
 (the GEMMs need X, Xᵀ, dY and dYᵀ k-contiguous): compiled from plain PyTorch, as a Triton cast after aten's amax,
 and with the amax in Triton too (`quant_fused`, two reads of the tensor: the floor of current scaling); whether
-the 2:4 GEMM can take its scale as `alpha` under CUDA-graph capture, and what the scale costs as its own pass.
+the 2:4 GEMM takes its scale as `alpha` (a vector, one per row of W or Wᵀ), and what the scale costs as its own
+pass.
 `linear_*_ms` add the parts up (fp8 ones with `quant_fused`).
 Each variant is isolated: a failure records its error and the run goes on.
 """
@@ -23,79 +24,12 @@ import torch
 
 from kernels import triton_available
 from kernels.benchutil import capture, rel_norm_err, time_ms
+from kernels.fp8 import amax_scale, quant_fused, quant_ref, quant_triton, scale_bias_, scale_triton
 from kernels.semi24 import _search_alg
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
 BF16 = torch.bfloat16
 SHAPES = [(3072, 768), (768, 3072), (4096, 1024), (1024, 4096), (5120, 1280), (1280, 5120), (6400, 1600),
           (1600, 6400)]
-
-if triton_available():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _cast_kernel(t_ptr, scale_ptr, q_ptr, qt_ptr, M, K, BM: tl.constexpr, BK: tl.constexpr):
-        # One (BM, BK) tile read once, written as e4m3 twice: row-major q and its transpose qt.
-        rm = tl.program_id(0) * BM + tl.arange(0, BM)
-        rk = tl.program_id(1) * BK + tl.arange(0, BK)
-        inb = (rm[:, None] < M) & (rk[None, :] < K)
-        inv = 1.0 / tl.load(scale_ptr)
-        q = (tl.load(t_ptr + rm[:, None] * K + rk[None, :], mask=inb, other=0.0).to(tl.float32) * inv).to(
-            tl.float8e4nv)
-        tl.store(q_ptr + rm[:, None] * K + rk[None, :], q, mask=inb)
-        tl.store(qt_ptr + rk[:, None] * M + rm[None, :], tl.trans(q), mask=tl.trans(inb))
-
-
-    @triton.jit
-    def _amax_kernel(t_ptr, amax_ptr, n, BLOCK: tl.constexpr):
-        # max |t| of one block, folded into amax_ptr (zeroed first) by an atomic max: |t| >= 0, so its fp32 bits
-        # order as int32 and a float atomic is not needed.
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        v = tl.abs(tl.load(t_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
-        tl.atomic_max(amax_ptr, tl.max(v, 0).to(tl.int32, bitcast=True))
-
-
-def _scale(t: torch.Tensor) -> torch.Tensor:
-    return (t.abs().amax().float() / E4M3_MAX).clamp_min(1e-12)
-
-
-def quant_ref(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, qᵀ contiguous, scale) with t ≈ q·scale: per-tensor amax scaling to e4m3's largest value, 448."""
-    scale = _scale(t)
-    q = (t.float() / scale).to(E4M3)
-    return q, q.t().contiguous(), scale
-
-
-def quant_triton(
-    t: torch.Tensor, scale: torch.Tensor | None = None, bm: int = 64, bk: int = 128
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quant_ref with the cast and the transpose in one pass (multiplying by 1/scale: within one e4m3 step); the
-    scale is aten's amax (_scale) unless given."""
-    scale = _scale(t) if scale is None else scale
-    M, K = t.shape
-    q = torch.empty(M, K, device=t.device, dtype=E4M3)
-    qt = torch.empty(K, M, device=t.device, dtype=E4M3)
-    _cast_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](t.contiguous(), scale, q, qt, M, K, BM=bm, BK=bk)
-    return q, qt, scale
-
-
-def scale_triton(t: torch.Tensor, block: int = 8192) -> torch.Tensor:
-    """_scale in one read of t: a block max per program and an atomic max."""
-    amax = torch.zeros(1, device=t.device, dtype=torch.int32)
-    _amax_kernel[(triton.cdiv(t.numel(), block),)](t.contiguous(), amax, t.numel(), BLOCK=block)
-    return (amax.view(torch.float32)[0] / E4M3_MAX).clamp_min(1e-12)
-
-
-def quant_fused(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quant_triton with the amax in Triton too: two reads of t in all, the floor of current scaling."""
-    return quant_triton(t, scale_triton(t))
-
-
-def quant(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return quant_fused(t) if t.is_cuda and triton_available() else quant_ref(t)
-
 
 
 def transposable_pattern(o: int, i: int, device) -> torch.Tensor:
@@ -157,7 +91,19 @@ def shape_row(o: int, i: int, tokens: int, warmup: int = 10, reps: int = 100) ->
         row["rel_err"][f"fp8_24_{k}"] = rel_norm_err(fn().float() * scales[k], want[k])
         timed(f"fp8_24_{k}", fn)
         timed(f"fp8_24_{k}_scaled", lambda fn=fn, k=k: fn().mul_(scales[k]))  # the scale as its own pass
-    timed("fp8_24_fwd_alpha", lambda: _sparse_mm(wc, xq.t(), plans["fwd"][0], alpha=scales["fwd"].reshape(1)))
+        timed(f"fp8_24_{k}_scaled_triton", lambda fn=fn, k=k: scale_bias_(fn(), scales[k]))
+    # alpha: torch passes it as CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING, one scale per row of the sparse operand
+    rows = {"fwd": o, "dx": i}
+    for k in sparse:
+        alpha = scales[k].expand(rows[k]).contiguous()
+        a, b = (wc, xq) if k == "fwd" else (wtc, dq)
+        try:  # eagerly first: under capture an error reads as a capture failure
+            row["rel_err"][f"fp8_24_{k}_alpha"] = rel_norm_err(_sparse_mm(a, b.t(), plans[k][0], alpha=alpha),
+                                                               want[k])
+        except Exception as e:  # noqa: BLE001 (refused by this cuSPARSELt: recorded)
+            row["errors"][f"fp8_24_{k}_alpha"] = f"{type(e).__name__}: {e}"[:400]
+            continue
+        timed(f"fp8_24_{k}_alpha", lambda a=a, b=b, k=k, alpha=alpha: _sparse_mm(a, b.t(), plans[k][0], alpha=alpha))
 
     compiled = torch.compile(quant_ref)
     timed("quant_compiled", lambda: (compiled(x), compiled(dy)))
@@ -165,7 +111,7 @@ def shape_row(o: int, i: int, tokens: int, warmup: int = 10, reps: int = 100) ->
         timed("quant_triton", lambda: (quant_triton(x), quant_triton(dy)))
         timed("quant_fused", lambda: (quant_fused(x), quant_fused(dy)))
         timed("amax_triton", lambda: (scale_triton(x), scale_triton(dy)))
-    timed("amax", lambda: (_scale(x), _scale(dy)))
+    timed("amax", lambda: (amax_scale(x), amax_scale(dy)))
 
     return summarize(row)
 
@@ -175,6 +121,10 @@ PARTS = {
     "fp8_dense": ["fp8_fwd", "fp8_dx", "fp8_dw", "quant_fused"],
     # the scale applied as its own pass (alpha fails under capture)
     "fp8_24": ["fp8_24_fwd_scaled", "fp8_24_dx_scaled", "fp8_dw", "quant_fused"],
+    # the scale as a Triton pass (fp8.scale_bias_, what 2of4.fp8 runs)
+    "fp8_24_triton_scale": ["fp8_24_fwd_scaled_triton", "fp8_24_dx_scaled_triton", "fp8_dw", "quant_fused"],
+    # the scale in the GEMM's epilogue (alpha), where cuSPARSELt takes it
+    "fp8_24_alpha": ["fp8_24_fwd_alpha", "fp8_24_dx_alpha", "fp8_dw", "quant_fused"],
     # the scale folded into the next op for free (not measured as such: the sum of measured parts)
     "fp8_24_scale_folded": ["fp8_24_fwd", "fp8_24_dx", "fp8_dw", "quant_fused"],
     "fp8_dense_gemms": ["fp8_fwd", "fp8_dx", "fp8_dw"],
@@ -192,7 +142,8 @@ def summarize(row: dict) -> dict:
     base = row.get("linear_bf16_dense_ms")
     row["speedup_vs_bf16_dense"] = {n: base / row[f"linear_{n}_ms"] for n in PARTS if base and f"linear_{n}_ms" in row}
     dense = row.get("linear_fp8_dense_ms")
-    row["vs_fp8_dense"] = {n: dense / row[f"linear_{n}_ms"] for n in ("fp8_24", "fp8_24_scale_folded")
+    row["vs_fp8_dense"] = {n: dense / row[f"linear_{n}_ms"] for n in ("fp8_24", "fp8_24_triton_scale", "fp8_24_alpha",
+                                                                    "fp8_24_scale_folded")
                            if dense and f"linear_{n}_ms" in row}
     return row
 
