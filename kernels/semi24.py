@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import cslt_pack, select, triton_available
+from kernels import cslt_pack, fp8, select, triton_available
 from kernels.benchutil import capture
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,14 @@ def _split_k_kwarg() -> str | None:
     return next((n for n in ("split_k_mode", "split_k_one_kernel") if n in names), None)
 
 
-def _cslt_mm(a_packed: torch.Tensor, b: torch.Tensor, transpose_result: bool, plan: GemmPlan) -> torch.Tensor:
+def _cslt_mm(a_packed: torch.Tensor, b: torch.Tensor, transpose_result: bool, plan: GemmPlan,
+             out_dtype: torch.dtype | None = None, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """a_packed (m, k) 2:4 times b; alpha: fp32 (m,), a scale per row of a, applied in the GEMM's epilogue."""
     kw = {"alg_id": plan.alg_id}
+    if out_dtype is not None:
+        kw["out_dtype"] = out_dtype
+    if alpha is not None:
+        kw["alpha"] = alpha
     if plan.split_k != 1 and _split_k_kwarg() is not None:
         kw["split_k"] = plan.split_k
         kw[_split_k_kwarg()] = plan.split_k_mode
@@ -342,6 +348,7 @@ class Operands:
     pruned_t: torch.Tensor | None = None  # (M⊙W)ᵀ contiguous (in, out)
     packed: dict[str, torch.Tensor] = field(default_factory=dict)  # 'w' and 'wt' in cuSPARSELt's compressed form
     repack: Callable[[str, torch.Tensor], torch.Tensor] | None = None  # the layer's in-place re-pack, if it has one
+    scale: torch.Tensor | None = None  # fp8: pruned and pruned_t are e4m3 and M⊙W ≈ pruned·scale (0-dim fp32)
 
     def pack(self, which: str) -> torch.Tensor:
         if which not in self.packed:
@@ -373,11 +380,13 @@ def _linear24_op(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     an input only so that dW reaches it; timing: how GEMM plans made now are timed (the layer's plan_timing)."""
     layer = _MODULES[handle]
     ops = layer.operands(x2d.dtype)
+    if layer.fp8:
+        return _fwd_fp8(layer, ops, x2d, bias, timing)
     if layer.kernel == "cusparselt":
         y = _gemm(layer, "fwd", ops, x2d, timing=timing)
     else:
         y = x2d @ ops.pruned.t()
-    return y if bias is None else y + bias.to(y.dtype)
+    return _add_bias(y, bias)
 
 
 @_linear24_op.register_fake
@@ -399,7 +408,9 @@ def _linear24_bwd_op(
     ops = layer.operands(x2d.dtype)
     dy = dy.contiguous()
     seed = layer.next_seed()
-    if layer.kernel == "cusparselt":
+    if layer.fp8:
+        dx, dw = _bwd_fp8(layer, ops, dy, x2d, dgrad, wgrad, timing)
+    elif layer.kernel == "cusparselt":
         device_seed = timing == "graph" and layer.seed_dev is not None
         if device_seed:  # a graph replays its launch arguments: the seed must live on the device
             seed = layer.seed_dev
@@ -466,6 +477,69 @@ def _gemm(layer: Linear24, gemm: str, ops: Operands, a: torch.Tensor, x2d: torch
     return sparse(plan) if plan.sparse else dense()
 
 
+# ---------------------------------------------------------------------------------------------------- fp8 e4m3
+# `2of4.fp8`: the three GEMMs on e4m3 operands with per-tensor scales (kernels/fp8.py), bf16 out. Y = X·W̃ᵀ and
+# dX = dY·W̃ run on cuSPARSELt's e4m3 2:4 kernels. Their scale is a pass of its own (`fp8.scale_bias_`, which on
+# the forward also adds the bias): `_cslt_sparse_mm` takes a scale only as `alpha`, which it sets as
+# CUSPARSELT_MATMUL_ALPHA_VECTOR_SCALING, and cuSPARSELt refuses that for e4m3 in torch 2.11 ("operation not
+# supported", results/raw/h200-fp8-24-alpha.json). dW = dYᵀ·X runs on the dense fp8 tensor
+# cores (`_scaled_mm`, scales fused) on the unpruned dYᵀ: a 2:4 dYᵀ would need an e4m3 compress per call, which
+# costs more than the GEMM, so MVUE is not used in fp8 (as with the bf16 path's dense dW fallback). The reference
+# (CPU, or a token count that is not a multiple of 16) runs the same quantization with fp32 matmuls.
+def _fp8_fast(layer: Linear24, tokens: int) -> bool:
+    return layer.kernel == "cusparselt" and tokens % 16 == 0  # _scaled_mm and cuSPARSELt e4m3 need k % 16
+
+
+def _dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
+
+
+def _gemm_fp8(layer: Linear24, gemm: str, ops: Operands, q: torch.Tensor, scale: torch.Tensor, timing: str,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fwd (q = X in e4m3) or dgrad (q = dY): sparse with a searched algorithm, or dense fp8 where measured faster
+    (mode 'auto'); both return the scaled product (+ bias) in bf16."""
+    out_f, in_f = layer.weight.shape
+    which, b = ("w", ops.pruned.t()) if gemm == "fwd" else ("wt", ops.pruned_t.t())  # b column-major for _scaled_mm
+    key = (gemm, out_f, in_f, q.shape[0], "fp8", layer.gemm_mode, False, timing)
+    both = scale * ops.scale
+    bias = bias.to(torch.bfloat16) if bias is not None else None
+    dense = lambda: _add_bias(torch._scaled_mm(q, b, scale, ops.scale, out_dtype=torch.bfloat16), bias)
+    sparse = lambda plan: fp8.scale_bias_(_cslt_mm(ops.pack(which), q.t(), True, plan, torch.bfloat16), both, bias)
+    args = lambda: (ops.pack(which), q.t(), True, torch.bfloat16)
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = make_plan(key, sparse, dense, args, layer.gemm_mode, timing)
+    return sparse(plan) if plan.sparse else dense()
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _fwd_fp8(layer: Linear24, ops: Operands, x2d: torch.Tensor, bias: torch.Tensor | None,
+             timing: str) -> torch.Tensor:
+    if _fp8_fast(layer, x2d.shape[0]):
+        xq, _, sx = fp8.quant(x2d, "row")
+        return _gemm_fp8(layer, "fwd", ops, xq, sx, timing, bias)
+    return _add_bias(fp8.fake_quant(x2d) @ _dequant(ops.pruned, ops.scale, x2d.dtype).t(), bias)
+
+
+def _bwd_fp8(layer: Linear24, ops: Operands, dy: torch.Tensor, x2d: torch.Tensor, dgrad: bool, wgrad: bool,
+             timing: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not _fp8_fast(layer, dy.shape[0]):
+        dyf = fp8.fake_quant(dy)
+        dx = dyf @ _dequant(ops.pruned, ops.scale, dy.dtype) if dgrad else None
+        dw = dyf.t() @ fp8.fake_quant(x2d) if wgrad else None
+        return dx, dw
+    dyq, dyqt, sdy = fp8.quant(dy, "both" if dgrad and wgrad else "row" if dgrad else "col")
+    dx = _gemm_fp8(layer, "dgrad", ops, dyq, sdy, timing) if dgrad else None
+    dw = None
+    if wgrad:
+        _, xqt, sx = fp8.quant(x2d, "col")
+        dw = torch._scaled_mm(dyqt, xqt.t(), sdy, sx, out_dtype=torch.bfloat16)
+    return dx, dw
+
+
 def _packed_dyt(layer: Linear24, dy: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
     """MVUE(dYᵀ) compressed for cuSPARSELt: drawn and packed in one pass by our kernel where the layout allows (10x
     faster than MVUE then `_cslt_compress`, results/raw/h100-cslt-pack.json), the same draw either way."""
@@ -503,6 +577,7 @@ class Linear24(nn.Linear):
         self.kernel = "ref"  # 'ref' or 'cusparselt', resolved by kernels.select
         self.gemm_mode = "auto"  # 'auto': per-GEMM measured fallback; 'sparse': every GEMM sparse
         self.mvue = True
+        self.fp8 = False  # e4m3 GEMMs with per-tensor scales (see 'fp8 e4m3' above)
         self.seed, self.layer_id, self.step, self.micro = 0, 0, 0, 0
         self._ops: dict[torch.dtype, Operands] = {}
         self.static = False  # operands in fixed buffers, re-packed in place (graph mode)
@@ -521,10 +596,10 @@ class Linear24(nn.Linear):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, backend: str = "auto", mvue: bool = True, seed: int = 0,
-                   layer_id: int = 0) -> Linear24:
+                   layer_id: int = 0, fp8: bool = False) -> Linear24:
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         m.weight, m.bias = linear.weight, linear.bias  # adopt: the optimizer and state_dict see the same tensors
-        m.mvue, m.seed, m.layer_id = mvue, seed, layer_id
+        m.mvue, m.seed, m.layer_id, m.fp8 = mvue, seed, layer_id, fp8
         m.set_backend(backend)
         return m
 
@@ -580,7 +655,10 @@ class Linear24(nn.Linear):
     def operands(self, dtype: torch.dtype) -> Operands:
         ops = self._ops.get(dtype)
         if ops is None:
-            if self.kernel == "cusparselt":
+            if self.fp8:  # the e4m3 W̃ and W̃ᵀ from one cast of W̃; compressed by cuSPARSELt when first used
+                wq, wqt, scale = fp8.quant(prune24(self.weight, self.mask_index, dtype)[0])
+                ops = Operands(wq, wqt, scale=scale)
+            elif self.kernel == "cusparselt":
                 ops = Operands(*prune24(self.weight, self.mask_index, dtype),
                                repack=functools.partial(self._repack, dtype))
             else:
@@ -600,7 +678,7 @@ class Linear24(nn.Linear):
             self._static[dtype] = fresh
             return fresh
         pairs = [(ops.pruned, fresh.pruned), (ops.pruned_t, fresh.pruned_t)]
-        pairs += [(ops.packed.get(k), fresh.packed[k]) for k in fresh.packed]
+        pairs += [(ops.packed.get(k), fresh.packed[k]) for k in fresh.packed] + [(ops.scale, fresh.scale)]
         for old, new in pairs:
             if (old is None) != (new is None) or (old is not None and old.shape != new.shape):
                 raise RuntimeError("2:4 operands changed layout; static buffers cannot be refilled in place")
@@ -618,7 +696,7 @@ class Linear24(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kernel={self.kernel}, dense={self.dense}, mvue={self.mvue}"
+        return f"{super().extra_repr()}, kernel={self.kernel}, dense={self.dense}, mvue={self.mvue}, fp8={self.fp8}"
 
 
 # ------------------------------------------------------------------------------------------------ CUDA graphs

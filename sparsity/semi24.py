@@ -55,6 +55,11 @@ class Semi24Config:
     """Fraction of the run at the end trained dense (F.linear on W, no decay; optimizer and LR continue)."""
     mvue: bool = True
     """Prune dYᵀ with MVUE 2:4 along tokens for the weight-gradient GEMM; False = dense dW."""
+    fp8: bool = False
+    """[ours, off] Run the three GEMMs of each 2:4 linear on e4m3
+    operands with per-tensor scales computed each call (kernels/fp8.py): Y and dX on cuSPARSELt's fp8 2:4 kernels,
+    dW on the dense fp8 tensor cores from the unpruned dYᵀ (so `mvue` does not apply). On the CPU or with the 'ref'
+    backend the same rounding runs in fp32 (a simulation). The dense fine-tune stays bf16."""
     backend: str = "auto"
     """Kernels: 'auto' (cuSPARSELt + Triton on a capable GPU, each GEMM dense where measured slower), 'ref'
     (masked dense matmuls, the reference), 'cusparselt' (every GEMM sparse, no fallback measurement)."""
@@ -157,7 +162,8 @@ class Semi24(Method):
             w = model.get_submodule(name).weight
             if w.shape[0] % 4 or w.shape[1] % 4:
                 raise ValueError(f"2:4 layer {name} has weight {tuple(w.shape)}; both sizes must be multiples of 4")
-            make = lambda n, old, i=i: Linear24.from_dense(old, self.cfg.backend, self.cfg.mvue, self.seed, i)
+            make = lambda n, old, i=i: Linear24.from_dense(
+                old, self.cfg.backend, self.cfg.mvue, self.seed, i, self.cfg.fp8)
             swap_modules(model, [name], make)
         self.layers = {n: model.get_submodule(n) for n in names}
         if self.cfg.cuda_graph:
@@ -186,7 +192,8 @@ class Semi24(Method):
     def flop_profile(self, step: int) -> FlopProfile:
         if self.phase:
             return FlopProfile()
-        cost = LinearCost(0.5, 0.5, 0.5 if self.cfg.mvue else 1.0)  # the 3 FFN GEMMs at half work (spec §1)
+        # the 3 FFN GEMMs at half work (spec §1); dW is dense without MVUE, and in fp8
+        cost = LinearCost(0.5, 0.5, 0.5 if self.cfg.mvue and not self.cfg.fp8 else 1.0)
         return FlopProfile(linear={name: cost for name in self.layers})
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import fp8
 from kernels import semi24 as s
 from model.gpt import MLP, GPTConfig
 from tests.interpreted import check_interpreted
@@ -112,6 +113,26 @@ def test_sparse_linear_ref_equals_masked_dense(bias, mvue):
         torch.testing.assert_close(lin.bias.grad, dy2.sum(0))
     assert set(dict(m.named_parameters())) == set(dict(lin.named_parameters()))
     assert m.weight is lin.weight
+
+
+@pytest.mark.parametrize("tokens", [16, 6])
+def test_fp8_linear_ref_is_the_e4m3_rounded_linear(tokens):
+    # fp8: every GEMM sees its operands rounded through e4m3 with per-tensor scales; dW from the unpruned dY
+    lin = torch.nn.Linear(32, 16)
+    m = s.Linear24.from_dense(lin, backend="ref", fp8=True)
+    m.set_mask(s.transposable_search_ref(lin.weight))
+    x = torch.randn(tokens, 32, requires_grad=True)
+    y = m(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    wq = fp8.fake_quant(lin.weight.detach() * m.mask)
+    xq, dyq = fp8.fake_quant(x.detach()), fp8.fake_quant(dy)
+    torch.testing.assert_close(y, xq @ wq.t() + lin.bias, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, dyq @ wq, rtol=0, atol=0)
+    torch.testing.assert_close(lin.weight.grad, dyq.t() @ xq, rtol=0, atol=0)
+    torch.testing.assert_close(lin.bias.grad, dy.sum(0), rtol=0, atol=0)
+    exact = F.linear(x.detach(), lin.weight.detach() * m.mask, lin.bias)
+    assert 0 < _rel(y, exact) < 0.06  # rounded, but only by e4m3's ~3% step
 
 
 def test_linear24_dense_mode_is_linear():
@@ -285,6 +306,37 @@ def test_gpu_sparse_linear_matches_reference(backend):
         outs.append((y, xx.grad, lin.weight.grad.clone()))
     for a, b in zip(*outs, strict=True):
         assert _rel(a, b) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cusparselt", "auto"])
+def test_gpu_fp8_linear_matches_its_reference(backend):
+    # Same quantization (Triton on both sides), so fast and reference differ only by GEMM accumulation order.
+    if not s.cusparselt_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs an sm89+ GPU with cuSPARSELt")
+    lin = torch.nn.Linear(1024, 4096, device="cuda")
+    fast = s.Linear24.from_dense(lin, backend=backend, fp8=True)
+    ref = s.Linear24.from_dense(lin, backend="ref", fp8=True)
+    idx = s.transposable_search(lin.weight)
+    fast.set_mask(idx)
+    ref.set_mask(idx)
+    x = torch.randn(8192, 1024, device="cuda")
+    dy = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for m in (fast, ref):
+        xx = x.clone().requires_grad_(True)
+        lin.weight.grad = lin.bias.grad = None
+        with torch.autocast("cuda", torch.bfloat16):
+            y = m(xx)
+        y.backward(dy)
+        outs.append((y, xx.grad, lin.weight.grad.clone(), lin.bias.grad.clone()))
+    assert fast.kernel == "cusparselt" and ref.kernel == "ref"
+    for a, b in zip(*outs, strict=True):
+        assert _rel(a, b) < 1e-2
+    plans = [p for k, p in s.PLANS.items() if k[4] == "fp8" and k[1:4] == (4096, 1024, 8192)]
+    assert plans and all(p.reason != "" for p in plans)  # planned, not fallen back silently
+    if backend == "cusparselt":
+        assert all(p.sparse for p in plans)  # forced: the sparse e4m3 kernels ran
 
 
 def _graph_variants(d: int, mvue: bool, backend: str = "cusparselt") -> dict[str, s.SparseMLP24]:

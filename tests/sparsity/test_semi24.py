@@ -152,6 +152,39 @@ def test_resume_is_bit_identical():
     assert method.metrics() == method2.metrics()
 
 
+def test_fp8_resumes_bit_identically():
+    model, method, opt = _setup(steps=8, mask_interval=2, fp8=True)
+    assert all(m.fp8 for m in method.layers.values())
+    _train(model, method, opt, 0, 3)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "method": method.state_dict()})
+    losses_a, _, _ = _train(model, method, opt, 3, 8)
+    model2, method2, opt2 = _setup(steps=8, mask_interval=2, fp8=True, init_seed=1)
+    model2.load_state_dict(ckpt["model"])
+    method2.load_state_dict(ckpt["method"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert _train(model2, method2, opt2, 3, 8)[0] == losses_a  # scales come from the tensors: nothing to save
+
+
+def test_fp8_learns_a_batch_almost_as_bf16_does():
+    # One batch memorized for 40 steps (measured: 4.13 -> 0.006 in fp32, -> 0.02 with e4m3 GEMMs).
+    final = {}
+    for on in (False, True):
+        model, method, opt = _setup(steps=40, mask_interval=2, fp8=on)
+        for step in range(40):
+            losses = method_step(model, method, opt, step, [_batch(0)])[0]
+            method.metrics()
+        final[on] = losses[-1]
+    assert final[True] != final[False]
+    assert final[False] < final[True] < 0.1  # from log(64) = 4.16
+
+
+def test_fp8_counts_a_dense_weight_gradient():
+    _, method, _ = _setup(steps=8, fp8=True)
+    method.on_step_start(0)
+    cost = next(iter(method.flop_profile(0).linear.values()))
+    assert (cost.fwd, cost.dgrad, cost.wgrad) == (0.5, 0.5, 1.0)
+
+
 def test_choose_decay_rule():
     t = torch.arange(100, dtype=torch.float64)
     curves = {
