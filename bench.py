@@ -221,6 +221,16 @@ def for_method(overrides: list[str], method: str) -> list[str]:
     return [o for o in overrides if o.split(".", 1)[0] not in REGISTRY or o.split(".", 1)[0] == method]
 
 
+def variant(label: str) -> tuple[str, list[str]]:
+    """'2of4:fp8=true+mvue=false' -> ('2of4', ['2of4.fp8=true', '2of4.mvue=false']): a method and its own overrides."""
+    method, _, opts = label.partition(":")
+    pairs = opts.split("+") if opts else []
+    own = [f"{method}.{kv}" for kv in pairs]
+    if any("=" not in kv for kv in pairs):
+        raise ConfigError(f"method variant {label!r}: write it as method:key=value+key=value")
+    return method, own
+
+
 def write_results(rows: list[dict], out: Path, stamp: str, command: str, config, extra) -> tuple[list[dict], Path]:
     """(Re)write the JSON and markdown table with the rows measured so far; speedups are against dense."""
     ok = [r for r in rows if "error" not in r]
@@ -265,7 +275,8 @@ def markdown(rows: list[dict], command: str) -> str:
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def main(
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML config (as for train.py)"),
-    methods: str = typer.Option("dense", help="comma-separated methods; dense is always timed first"),
+    methods: str = typer.Option("dense", help="comma-separated methods; dense is always timed first. A variant adds "
+                                "its own section's overrides after a colon, joined by '+': 2of4:fp8=true+mvue=false"),
     set_: list[str] = typer.Option([], "--set", "-s", help="section.key=value overrides for every method"),
     steps: int = typer.Option(20, help="timed steps per method"),
     warmup: int = typer.Option(5, help="untimed steps first (compilation, autotuning, caches)"),
@@ -278,10 +289,10 @@ def main(
                                    "schedule: warm-up, ramps, update steps, dense tail); --steps/--warmup/--at unused"),
 ) -> None:
     """Benchmark training steps of each method against dense (tok/s, ms/step, MFU, FLOPs, memory)."""
-    names = ["dense"] + [m for m in methods.split(",") if m and m != "dense"]
+    labels = ["dense"] + [m for m in methods.split(",") if m and m != "dense"]
     extra = list(set_) + ([f"train.compile={str(compile).lower()}"] if compile is not None else [])
     try:
-        cfgs = [load_config(config, m, for_method(extra, m)) for m in names]
+        cfgs = [load_config(config, m, for_method(extra, m) + own) for m, own in map(variant, labels)]
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -289,14 +300,15 @@ def main(
     stamp = datetime.date.today().isoformat() + (f"-{tag}" if tag else "")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    for cfg in cfgs:
+    for label, cfg in zip(labels, cfgs, strict=True):
         what = f"all {cfg.train.steps} steps" if whole_run else f"{warmup} warm-up + {steps} timed steps"
-        console.print(f"[bold]{cfg.method}[/bold]: {what}")
+        console.print(f"[bold]{label}[/bold]: {what}")
         try:
             rows.append(time_whole_run(cfg) if whole_run else time_method(cfg, steps, warmup, at))
+            rows[-1]["method"] = label
         except Exception as e:  # noqa: BLE001 (one broken method must not lose the others)
-            console.print(f"[red]{cfg.method} failed:[/red] {type(e).__name__}: {e}")
-            rows.append({"method": cfg.method, "error": f"{type(e).__name__}: {e}"})
+            console.print(f"[red]{label} failed:[/red] {type(e).__name__}: {e}")
+            rows.append({"method": label, "error": f"{type(e).__name__}: {e}"})
         ok, json_path = write_results(rows, out, stamp, command, config, extra)  # after each method: a killed
         # run keeps what it measured
     if kernels:

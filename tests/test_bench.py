@@ -35,6 +35,22 @@ def test_bench_bad_method_is_one_line(tmp_path):
     assert result.returncode == 2 and "unknown method 'nope'" in result.stderr
 
 
+def test_bench_variants_carry_their_own_overrides(tmp_path):
+    cmd = [sys.executable, "bench.py", "--methods", "2of4,2of4:fp8=true+mvue=false", "--steps", "1", "--warmup",
+           "1", "--out", str(tmp_path), "--tag", "v", "--set", "model.preset=tiny", "--set", "model.block_size=32",
+           "--set", "model.vocab_size=256", "--set", "train.batch_size=2", "--set", "train.device=cpu",
+           "--set", "train.steps=100", "--no-compile"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads(next(tmp_path.glob("bench-cpu-*-v.json")).read_text())["rows"]}
+    assert list(rows) == ["dense", "2of4", "2of4:fp8=true+mvue=false"]
+    # the FLOP count shows the variant's knobs: MVUE halves dW, fp8 (dense dW) does not
+    assert rows["dense"]["flops_ratio"] > rows["2of4:fp8=true+mvue=false"]["flops_ratio"] > rows["2of4"]["flops_ratio"]
+    bad = subprocess.run([sys.executable, "bench.py", "--methods", "2of4:fp8", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "method:key=value" in bad.stderr
+
+
 def test_bench_whole_run_times_every_step_by_phase(tmp_path):
     cmd = [sys.executable, "bench.py", "--methods", "mst", "--whole-run", "--out", str(tmp_path), "--tag", "w",
            "--set", "model.preset=tiny", "--set", "model.block_size=32", "--set", "model.vocab_size=256",
