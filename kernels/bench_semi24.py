@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -29,7 +30,14 @@ from kernels.benchutil import capture, rel_norm_err, time_ms
 from model.gpt import MLP, GPTConfig
 
 _T0 = time.perf_counter()
+FP8 = False  # --fp8: every Linear24 made here runs its GEMMs in e4m3 (2of4.fp8)
 
+
+
+def _randn(*shape: int) -> torch.Tensor:
+    """Inputs drawn on the CPU: a failed CUDA-graph capture (the MLP rows may have one) leaves the CUDA generator
+    unusable for the rest of the process."""
+    return torch.randn(*shape)
 
 
 class Row:
@@ -77,14 +85,14 @@ def bench_graphed(row: Row, lin: torch.nn.Linear, idx: torch.Tensor, x: torch.Te
     row.run("dense_graphed_fwd_bwd", dense, budget_s)
 
     def sparse():
-        m = s.Linear24.from_dense(lin, backend="auto", mvue=True)
+        m = s.Linear24.from_dense(lin, backend="auto", mvue=True, fp8=FP8)
         m.set_mask(idx)
         m.set_graph_mode(True)
         for _ in range(2):  # eager calls first: they make the graph-timed GEMM plans
             x.grad = None
             m(x.to(dy.dtype)).backward(dy)
         cap = s.GraphedFwdBwd(m, [w], xb)
-        ref = s.Linear24.from_dense(lin, backend="ref", mvue=False)
+        ref = s.Linear24.from_dense(lin, backend="ref", mvue=False, fp8=FP8)
         ref.set_mask(idx)
         err["graphed_y"] = rel_norm_err(cap(xb), ref(xb))
         repack = lambda: (m.invalidate(), m.operands(dy.dtype))
@@ -107,8 +115,8 @@ def bench_mlp(d: int, T: int, warmup: int, reps: int, budget_s: float) -> dict:
     ms, sp, err = row.data["ms"], row.data["speedup"], row.data["max_rel_err"]
     dense = MLP(GPTConfig(n_layer=1, n_head=1, n_embd=d, bias=False)).cuda()
     params = list(dense.parameters())
-    x = torch.randn(T, d, device="cuda", requires_grad=True)
-    dy = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    x = _randn(T, d).cuda().requires_grad_(True)
+    dy = _randn(T, d).cuda().bfloat16()
     ac = torch.autocast("cuda", torch.bfloat16)
 
     def eager_step(m: torch.nn.Module, before=None) -> Callable[[], None]:
@@ -135,7 +143,7 @@ def bench_mlp(d: int, T: int, warmup: int, reps: int, budget_s: float) -> dict:
     def sparse(graph: bool):
         mlp = MLP(GPTConfig(n_layer=1, n_head=1, n_embd=d, bias=False)).cuda()
         for k in ("c_fc", "c_proj"):
-            lin24 = s.Linear24.from_dense(getattr(dense, k), backend="auto", mvue=True)
+            lin24 = s.Linear24.from_dense(getattr(dense, k), backend="auto", mvue=True, fp8=FP8)
             lin24.set_mask(s.transposable_search(lin24.weight))
             setattr(mlp, k, lin24)
         m = s.SparseMLP24(mlp, cuda_graph=graph)
@@ -147,7 +155,7 @@ def bench_mlp(d: int, T: int, warmup: int, reps: int, budget_s: float) -> dict:
             raise RuntimeError(f"not captured (broken: {sorted(s._BROKEN)})")
         ms[tag] = time_ms(step, warmup, reps)
         if graph:  # the replayed output against the masked dense reference on the same masks
-            refs = [s.Linear24.from_dense(lin, backend="ref", mvue=False) for lin in (m.c_fc, m.c_proj)]
+            refs = [s.Linear24.from_dense(lin, backend="ref", mvue=False, fp8=FP8) for lin in (m.c_fc, m.c_proj)]
             for r, lin in zip(refs, (m.c_fc, m.c_proj), strict=True):
                 r.set_mask(lin.mask_index)
             with ac:
@@ -172,10 +180,10 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
     ms, sp, err = row.data["ms"], row.data["speedup"], row.data["max_rel_err"]
     cuda = dev == "cuda"
     ac = torch.autocast(dev, torch.bfloat16, enabled=cuda)
-    lin = torch.nn.Linear(in_f, out_f, bias=False, device=dev)
-    x = torch.randn(T, in_f, device=dev, requires_grad=True)
+    lin = torch.nn.Linear(in_f, out_f, bias=False).to(dev)
+    x = _randn(T, in_f).to(dev).requires_grad_(True)
     xb = x.detach().bfloat16()
-    dy = torch.randn(T, out_f, device=dev, dtype=torch.bfloat16 if cuda else torch.float32)
+    dy = _randn(T, out_f).to(dev, torch.bfloat16 if cuda else torch.float32)
     w = lin.weight
 
     def fwd_bwd(m: torch.nn.Module, repack: bool = False, search: bool = False) -> Callable[[], None]:
@@ -200,7 +208,7 @@ def bench_shape(d: int, T: int, orient: str, dev: str, warmup: int, reps: int, b
     mods = {}
     for backend in ("auto",) if quick else ("auto", "cusparselt"):
         def make(backend=backend, mvue=True):
-            m = s.Linear24.from_dense(lin, backend=backend, mvue=mvue)
+            m = s.Linear24.from_dense(lin, backend=backend, mvue=mvue, fp8=FP8)
             m.set_mask(idx)
             return m
         mods[backend] = row.run(f"make_{backend}", make, budget_s)
@@ -302,15 +310,23 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip remaining variants after this many seconds (default 150, --quick 60)")
     ap.add_argument("--quick", action="store_true", help="d 1024,1280 x tokens 16k,64k; whole-linear and MLP rows only")
+    ap.add_argument("--fp8", action="store_true", help="the sparse linears in e4m3 (2of4.fp8); dense stays bf16")
     args = ap.parse_args()
+    global FP8
+    FP8 = args.fp8
     if args.quick:
         args.dims, args.tokens = "1024,1280", "16384,65536"
     budget = args.budget_s if args.budget_s is not None else 60.0 if args.quick else 150.0
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     res = {
+        "method": "2of4",
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "config": f"Linear24{' fp8' if args.fp8 else ''} fwd+bwd vs nn.Linear, bf16 autocast, d {args.dims}, "
+                  f"tokens {args.tokens}",
+        "command": "python -m kernels.bench_semi24 " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "cusparselt": s.cusparselt_available(),
+        "fp8": FP8,
         "shapes": [],
         "results": [],
     }
