@@ -262,13 +262,8 @@ def _split_k_kwarg() -> str | None:
 
 
 def _cslt_mm(a_packed: torch.Tensor, b: torch.Tensor, transpose_result: bool, plan: GemmPlan,
-             out_dtype: torch.dtype | None = None, alpha: torch.Tensor | None = None) -> torch.Tensor:
-    """a_packed (m, k) 2:4 times b; alpha: fp32 (m,), a scale per row of a, applied in the GEMM's epilogue."""
-    kw = {"alg_id": plan.alg_id}
-    if out_dtype is not None:
-        kw["out_dtype"] = out_dtype
-    if alpha is not None:
-        kw["alpha"] = alpha
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    kw = {"alg_id": plan.alg_id} if out_dtype is None else {"alg_id": plan.alg_id, "out_dtype": out_dtype}
     if plan.split_k != 1 and _split_k_kwarg() is not None:
         kw["split_k"] = plan.split_k
         kw[_split_k_kwarg()] = plan.split_k_mode
@@ -607,6 +602,9 @@ class Linear24(nn.Linear):
         self.gemm_mode = "sparse" if backend == "cusparselt" else "auto"
         on_gpu = self.weight.is_cuda or backend == "cusparselt"
         self.kernel = select(LINEAR_IMPLS, backend, _LINEAR_CAN_RUN) if on_gpu else "ref"
+        if self.fp8 and self.kernel == "cusparselt" and torch.cuda.get_device_capability() < (8, 9):
+            raise RuntimeError("2of4.fp8 needs fp8 tensor cores (sm89+, e.g. H100); "
+                               "2of4.backend=ref simulates its rounding")
 
     def set_mask(self, index: torch.Tensor) -> None:
         self.mask_index, self.mask = index, mask_from_index(index)
