@@ -94,6 +94,7 @@ def result_row(cfg, run: Run, ms_per_step: float, flops: list[float], step_ms: l
         "flops_per_token": statistics.mean(flops) / run.tokens_per_step,
         "flops_ratio": statistics.mean(flops) / run.tokens_per_step / dense_tok,
         "peak_mem_gb": torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None,
+        "kernel_report": run.method.kernel_report(),
     }
 
 

@@ -92,6 +92,10 @@ class Method:
         """Extra numbers for this step's log record, namespaced by the method (`mst/sparsity`, ...)."""
         return {}
 
+    def kernel_report(self) -> dict[str, Any]:
+        """What the method's kernels decided at run time (e.g. which GEMMs went sparse), for benchmark files."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

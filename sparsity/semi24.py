@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from kernels import semi24 as kernels24
 from kernels.semi24 import Linear24, SparseMLP24, flipped_entries, transposable_search_stacked
 from model.flops import FlopProfile, LinearCost
 from model.gpt import GPTConfig
@@ -220,6 +221,13 @@ class Semi24(Method):
             m.invalidate()  # W changed: re-pack W̃ from W under the (frozen) mask at the next forward
         if refresh:
             self._broadcast_masks()
+
+    def kernel_report(self) -> dict[str, Any]:
+        """Every GEMM plan made in this process for this run's layer shapes: sparse or dense, why, and the times
+        it was decided on (plans are per shape, so a later run of the same shapes reuses them)."""
+        shapes = {tuple(m.weight.shape) for m in self.layers.values()}
+        return {"gemm_plans": {"/".join(map(str, k)): p.__dict__.copy() for k, p in kernels24.PLANS.items()
+                               if tuple(k[1:3]) in shapes}}
 
     def metrics(self) -> dict[str, float]:
         if self.flips is None:

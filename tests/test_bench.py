@@ -44,6 +44,7 @@ def test_bench_variants_carry_their_own_overrides(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {r["method"]: r for r in json.loads(next(tmp_path.glob("bench-cpu-*-v.json")).read_text())["rows"]}
     assert list(rows) == ["dense", "2of4", "2of4:fp8=true+mvue=false"]
+    assert rows["dense"]["kernel_report"] == {} and rows["2of4"]["kernel_report"] == {"gemm_plans": {}}  # CPU: ref
     # the FLOP count shows the variant's knobs: MVUE halves dW, fp8 (dense dW) does not
     assert rows["dense"]["flops_ratio"] > rows["2of4:fp8=true+mvue=false"]["flops_ratio"] > rows["2of4"]["flops_ratio"]
     bad = subprocess.run([sys.executable, "bench.py", "--methods", "2of4:fp8", "--out", str(tmp_path)], cwd=ROOT,

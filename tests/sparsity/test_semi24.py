@@ -185,6 +185,19 @@ def test_fp8_counts_a_dense_weight_gradient():
     assert (cost.fwd, cost.dgrad, cost.wgrad) == (0.5, 0.5, 1.0)
 
 
+def test_kernel_report_lists_the_plans_of_its_shapes(monkeypatch):
+    from kernels import semi24 as ks
+
+    _, method, _ = _setup()
+    shape = tuple(next(iter(method.layers.values())).weight.shape)
+    plans = {("fwd", *shape, 64, "fp8", "auto", False, "eager"): ks.GemmPlan(True, 3, reason="measured"),
+             ("fwd", 7, 9, 64, "fp8", "auto", False, "eager"): ks.GemmPlan(False, reason="dense is faster")}
+    monkeypatch.setattr(ks, "PLANS", plans)
+    report = method.kernel_report()["gemm_plans"]
+    assert list(report) == [f"fwd/{shape[0]}/{shape[1]}/64/fp8/auto/False/eager"]  # the other shape is not its own
+    assert report[next(iter(report))]["sparse"] is True and report[next(iter(report))]["alg_id"] == 3
+
+
 def test_choose_decay_rule():
     t = torch.arange(100, dtype=torch.float64)
     curves = {
