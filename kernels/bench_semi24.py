@@ -33,7 +33,6 @@ _T0 = time.perf_counter()
 FP8 = False  # --fp8: every Linear24 made here runs its GEMMs in e4m3 (2of4.fp8)
 
 
-
 def _randn(*shape: int) -> torch.Tensor:
     """Inputs drawn on the CPU: a failed CUDA-graph capture (the MLP rows may have one) leaves the CUDA generator
     unusable for the rest of the process."""

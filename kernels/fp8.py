@@ -89,9 +89,8 @@ def quant_triton(t: torch.Tensor, scale: torch.Tensor | None = None, layout: str
     row, col = layout != "col", layout != "row"
     q = torch.empty(M, K, device=t.device, dtype=E4M3) if row else None
     qt = torch.empty(K, M, device=t.device, dtype=E4M3) if col else None
-    dummy = q if row else qt
-    _cast_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
-        t.contiguous(), scale, q if row else dummy, qt if col else dummy, M, K, BM=bm, BK=bk, ROW=row, COL=col)
+    _cast_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](  # a layout not written gets the other's pointer
+        t.contiguous(), scale, q if row else qt, qt if col else q, M, K, BM=bm, BK=bk, ROW=row, COL=col)
     return q, qt, scale
 
 
@@ -112,10 +111,14 @@ def quant(t: torch.Tensor, layout: str = "both"):
     return quant_fused(t, layout) if t.is_cuda and triton_available() else quant_ref(t, layout)
 
 
+def dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
+
+
 def fake_quant(t: torch.Tensor) -> torch.Tensor:
     """t rounded through e4m3 with its per-tensor scale, back in t's dtype: what the fp8 GEMMs see of t."""
     q, _, scale = quant(t, "row")
-    return (q.float() * scale).to(t.dtype)
+    return dequant(q, scale, t.dtype)
 
 
 def scale_bias_ref(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -466,9 +466,14 @@ def _gemm(layer: Linear24, gemm: str, ops: Operands, a: torch.Tensor, x2d: torch
         sparse = lambda plan: _cslt_mm(_packed_dyt(layer, a, seed), x2d, False, plan)
         args = lambda: (_packed_dyt(layer, a, seed), x2d, False)
         check = lambda: _mvue_or_plain(layer, a, seed) @ x2d  # same seed: the same draw as `sparse`
+    return _planned(key, sparse, dense, args, layer.gemm_mode, timing, check)
+
+
+def _planned(key: tuple, sparse, dense, args, mode: str, timing: str, check=None) -> torch.Tensor:
+    """The GEMM by its plan for `key`, made on first use (make_plan)."""
     plan = PLANS.get(key)
     if plan is None:
-        plan = make_plan(key, sparse, dense, args, layer.gemm_mode, timing, check)
+        plan = make_plan(key, sparse, dense, args, mode, timing, check)
     return sparse(plan) if plan.sparse else dense()
 
 
@@ -485,10 +490,6 @@ def _fp8_fast(layer: Linear24, tokens: int) -> bool:
     return layer.kernel == "cusparselt" and tokens % 16 == 0  # _scaled_mm and cuSPARSELt e4m3 need k % 16
 
 
-def _dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale).to(dtype)
-
-
 def _gemm_fp8(layer: Linear24, gemm: str, ops: Operands, q: torch.Tensor, scale: torch.Tensor, timing: str,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """fwd (q = X in e4m3) or dgrad (q = dY): sparse with a searched algorithm, or dense fp8 where measured faster
@@ -501,10 +502,7 @@ def _gemm_fp8(layer: Linear24, gemm: str, ops: Operands, q: torch.Tensor, scale:
     dense = lambda: _add_bias(torch._scaled_mm(q, b, scale, ops.scale, out_dtype=torch.bfloat16), bias)
     sparse = lambda plan: fp8.scale_bias_(_cslt_mm(ops.pack(which), q.t(), True, plan, torch.bfloat16), both, bias)
     args = lambda: (ops.pack(which), q.t(), True, torch.bfloat16)
-    plan = PLANS.get(key)
-    if plan is None:
-        plan = make_plan(key, sparse, dense, args, layer.gemm_mode, timing)
-    return sparse(plan) if plan.sparse else dense()
+    return _planned(key, sparse, dense, args, layer.gemm_mode, timing)
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -516,21 +514,21 @@ def _fwd_fp8(layer: Linear24, ops: Operands, x2d: torch.Tensor, bias: torch.Tens
     if _fp8_fast(layer, x2d.shape[0]):
         xq, _, sx = fp8.quant(x2d, "row")
         return _gemm_fp8(layer, "fwd", ops, xq, sx, timing, bias)
-    return _add_bias(fp8.fake_quant(x2d) @ _dequant(ops.pruned, ops.scale, x2d.dtype).t(), bias)
+    return _add_bias(fp8.fake_quant(x2d) @ fp8.dequant(ops.pruned, ops.scale, x2d.dtype).t(), bias)
 
 
 def _bwd_fp8(layer: Linear24, ops: Operands, dy: torch.Tensor, x2d: torch.Tensor, dgrad: bool, wgrad: bool,
              timing: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if not _fp8_fast(layer, dy.shape[0]):
         dyf = fp8.fake_quant(dy)
-        dx = dyf @ _dequant(ops.pruned, ops.scale, dy.dtype) if dgrad else None
+        dx = dyf @ fp8.dequant(ops.pruned, ops.scale, dy.dtype) if dgrad else None
         dw = dyf.t() @ fp8.fake_quant(x2d) if wgrad else None
         return dx, dw
     dyq, dyqt, sdy = fp8.quant(dy, "both" if dgrad and wgrad else "row" if dgrad else "col")
     dx = _gemm_fp8(layer, "dgrad", ops, dyq, sdy, timing) if dgrad else None
     dw = None
-    if wgrad:
-        _, xqt, sx = fp8.quant(x2d, "col")
+    if wgrad:  # Xᵀ quantized again rather than saved by the forward: one read of X against an e4m3 copy held
+        _, xqt, sx = fp8.quant(x2d, "col")  # from forward to backward for every layer
         dw = torch._scaled_mm(dyqt, xqt.t(), sdy, sx, out_dtype=torch.bfloat16)
     return dx, dw
 
