@@ -5,7 +5,6 @@ sweep of the kernel's launch configurations.
     python -m kernels.bench_hsa --sweep --out results/hsa_sweep.json    # the two target cases, < 3 min on an H100
     python -m kernels.bench_hsa --host-cost --out host.json  # any machine: a compiled call's host work (host_cost)
     python -m kernels.bench_hsa --per-kernel --quick --out k.json   # each kernel alone: ms, bytes, GB/s
-    python -m kernels.bench_hsa --leads 0,16,32 --quick --out l.json  # two launches per pass vs one (lead_rows)
 
 Bench: for each (T, l), forward and forward+backward of every variant (median of --iters calls) in two modes:
 - eager: calls queued back to back with a CUDA event pair around each, as training issues them. Where the host's
@@ -198,7 +197,7 @@ def sweep_case(
     best = default
     o, lse = hsa.hsa_forward(q, k, v, stride, best)
     result: dict = {"T": T, "stride": stride, "B": B, "n_head": n_head, "head_dim": head_dim, "kernels": {}}
-    for kernel in hsa.KERNEL_FIELDS:
+    for kernel in HsaConfig._fields:
         trials = []
         for launch in candidates(kernel):
             cfg = best._replace(**{kernel: launch})
@@ -274,32 +273,6 @@ def kernel_rows(T: int, stride: int, B: int, warmup: int, iters: int) -> dict:
     row["flash_fwd_bwd_ms"] = time_call(make_call(flash, qkv, do, "bhtd", True), "graph", warmup, iters)
     row["hsa_speedup_fwd_bwd"] = row["flash_fwd_bwd_ms"] / (row["hsa_fwd_ms"] + row["hsa_bwd_ms"])
     row["bytes_two_pass"], row["bytes_one_pass"] = nbytes["two_pass"], nbytes["one_pass"]
-    return row
-
-
-def lead_rows(T: int, stride: int, B: int, leads: list[int], warmup: int, iters: int) -> dict:
-    """The shape's configuration (config_for) with each HsaConfig.lead in `leads` (0: two launches per pass),
-    plain (B, nh, T, hs) inputs, each pass as CUDA-graph replays, its errors against fp32 masked SDPA, and causal
-    flash SDPA's forward and fwd+bwd for scale."""
-    qkv, do = make_inputs(T, B, "cuda")
-    q, k, v = (qkv[:, :, n].transpose(1, 2).contiguous() for n in range(3))
-    ref_o, ref_grads = _reference(q, k, v, do, stride, torch.float32)
-    graph_ms = lambda fn: time_call(fn, "graph", warmup, iters)
-    flash = _variants(stride)["sdpa_causal"]
-    row: dict = {"T": T, "stride": stride, "B": B, "leads": {}}
-    row["flash_fwd_ms"] = time_call(make_call(flash, qkv, do, "bhtd", False), "graph", warmup, iters)
-    row["flash_fwd_bwd_ms"] = time_call(make_call(flash, qkv, do, "bhtd", True), "graph", warmup, iters)
-    base = hsa.config_for(T, stride, HEAD_DIM)
-    for lead in leads:
-        cfg = base._replace(lead=lead)
-        o, lse = hsa.hsa_forward(q, k, v, stride, cfg)
-        grads = hsa.hsa_backward(q, k, v, o, lse, do, stride, cfg)
-        r = {"max_rel_err": max(rel_err(x, y) for x, y in zip((o, *grads), (ref_o, *ref_grads), strict=True))}
-        r["fwd_ms"] = graph_ms(lambda cfg=cfg: hsa.hsa_forward(q, k, v, stride, cfg))
-        r["bwd_ms"] = graph_ms(lambda cfg=cfg, o=o, lse=lse: hsa.hsa_backward(q, k, v, o, lse, do, stride, cfg))
-        r["speedup_fwd"] = row["flash_fwd_ms"] / r["fwd_ms"]
-        r["speedup_fwd_bwd"] = row["flash_fwd_bwd_ms"] / (r["fwd_ms"] + r["bwd_ms"])
-        row["leads"][str(lead)] = r
     return row
 
 
@@ -394,7 +367,6 @@ def main(
     budget_s: float = typer.Option(110.0, help="Sweep: start no configuration after this many seconds."),
     host_cost_: bool = typer.Option(False, "--host-cost", help="Only host_cost(), both backends (CPU)."),
     per_kernel: bool = typer.Option(False, help="Only kernel_rows(): each kernel alone, its bytes and bandwidth."),
-    leads: str = typer.Option("", help="Only lead_rows() with these comma-separated HsaConfig.lead values."),
 ) -> None:
     if host_cost_:
         record = {backend: host_cost(compile_backend=backend) for backend in ("aot_eager", "inductor")}
@@ -425,21 +397,6 @@ def main(
             raise typer.BadParameter(f"--cases: comma-separated TxLxB, e.g. 1024x64x16,2048x64x8; got {cases_!r}")
     else:
         cases = QUICK_CASES if quick or sweep else CASES
-    if leads:
-        values = [int(n) for n in leads.split(",") if n.strip().isdigit()]
-        if len(values) != len(leads.split(",")):
-            raise typer.BadParameter(f"--leads: comma-separated integers >= 0, e.g. 0,8,16; got {leads!r}")
-        record["lead_rows"] = []
-        for T, stride, B in cases:
-            row = lead_rows(T, stride, B, values, warmup, iters)
-            record["lead_rows"].append(row)
-            write()
-            for lead, r in row["leads"].items():
-                print(f"T={T} l={stride} B={B} lead={lead}: fwd {r['fwd_ms']:.4f} bwd {r['bwd_ms']:.4f} ms, "
-                      f"{r['speedup_fwd_bwd']:.2f}x flash fwd+bwd ({row['flash_fwd_bwd_ms']:.4f} ms), "
-                      f"err {r['max_rel_err']:.1e}")  # fmt: skip
-        print(f"wrote {out}")
-        return
     if per_kernel:
         record["per_kernel"] = []
         for T, stride, B in cases:
@@ -459,7 +416,7 @@ def main(
             swept = sweep_case(T, stride, B, graph_timer, t_start + budget_s, log=lambda s: print(s, flush=True))
             record["sweep"].append(swept)
             hsa.TUNED[(T, stride, HEAD_DIM)] = HsaConfig(
-                *(Launch(**swept["kernels"][name]["best"]) for name in hsa.KERNEL_FIELDS)
+                *(Launch(**swept["kernels"][name]["best"]) for name in HsaConfig._fields)
             )
             write()
             torch.cuda.empty_cache()

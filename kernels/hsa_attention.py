@@ -128,12 +128,12 @@ def _jit(fn):
 
 
 @_jit
-def _strided_rows(pid, T, L, NP: tl.constexpr, RS: tl.constexpr):
-    """Program pid's tile: RS residue classes x NP periods, row i = residue + a*l, and which pairs are kept."""
+def _strided_rows(T, L, NP: tl.constexpr, RS: tl.constexpr):
+    """The program's tile: RS residue classes x NP periods, row i = residue + a*l, and which pairs are kept."""
     pp = tl.arange(0, RS * NP)
     rho = pp // NP
     a = pp % NP
-    r = pid * RS + rho
+    r = tl.program_id(0) * RS + rho
     i = r + a * L
     ok = (r < L) & (i < T)
     keep = (rho[:, None] == rho[None, :]) & (a[None, :] < a[:, None]) & ok[None, :]
@@ -141,15 +141,16 @@ def _strided_rows(pid, T, L, NP: tl.constexpr, RS: tl.constexpr):
 
 
 @_jit
-def _strided_fwd(
+def _strided_fwd_kernel(
     Q, K, V, Out, LSE, qk_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-    H, T, L, pid, bh,
+    H, T, L,
     HEAD_DIM: tl.constexpr, NP: tl.constexpr, RS: tl.constexpr,
 ):  # fmt: skip
+    bh = tl.program_id(1)
     in_off = (bh // H).to(tl.int64) * stride_ib + (bh % H).to(tl.int64) * stride_ih
     out_off = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
-    i, ok, keep = _strided_rows(pid, T, L, NP, RS)
+    i, ok, keep = _strided_rows(T, L, NP, RS)
     d = tl.arange(0, HEAD_DIM)
     in_ptr = in_off + i[:, None] * stride_it + d[None, :]
     q = tl.load(Q + in_ptr, mask=ok[:, None], other=0.0)
@@ -169,13 +170,15 @@ def _strided_fwd(
 
 
 @_jit
-def _band_fwd(
+def _band_fwd_kernel(
     Q, K, V, Out, LSE, qk_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-    H, T, L, pid, bh,
+    H, T, L,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start = pid * BLOCK_M
+    start = tl.program_id(0) * BLOCK_M
+    # Heads in reverse launch order: the first band programs find the heads the strided kernel touched last in L2.
+    bh = tl.num_programs(1) - 1 - tl.program_id(1)
     in_off = (bh // H).to(tl.int64) * stride_ib + (bh % H).to(tl.int64) * stride_ih
     out_off = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
     Q += in_off
@@ -186,11 +189,10 @@ def _band_fwd(
     row_ok = rows < T
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
-    # The strided kernel's (o, lse) of these rows, loaded now so that their latency overlaps the band's tiles; from
-    # L2 (.cg), as written by another SM's program in the one-launch pass.
+    # The strided kernel's (o, lse) of these rows, loaded now so that their latency overlaps the band's tiles.
     out_ptr = Out + out_off + rows[:, None] * stride_ot + d[None, :]
-    o_s = tl.load(out_ptr, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-    lse_s = tl.load(LSE + rows, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+    o_s = tl.load(out_ptr, mask=row_ok[:, None], other=0.0)
+    lse_s = tl.load(LSE + rows, mask=row_ok, other=float("-inf"))
     # A finite floor for the running max: a key tile can hold no kept key for some rows (the band's first tile for
     # the block's last rows), and -inf - -inf would poison the rescale.
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
@@ -228,14 +230,15 @@ def _band_fwd(
 
 
 @_jit
-def _strided_bwd(
+def _strided_bwd_kernel(
     Q, K, V, Out, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
-    H, T, L, pid, bh,
+    H, T, L,
     HEAD_DIM: tl.constexpr, NP: tl.constexpr, RS: tl.constexpr,
 ):  # fmt: skip
+    bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    i, ok, keep = _strided_rows(pid, T, L, NP, RS)
+    i, ok, keep = _strided_rows(T, L, NP, RS)
     d = tl.arange(0, HEAD_DIM)
     in_ptr = b * stride_ib + h * stride_ih + i[:, None] * stride_it + d[None, :]
     out_ptr = b * stride_ob + h * stride_oh + i[:, None] * stride_ot + d[None, :]
@@ -257,16 +260,17 @@ def _strided_bwd(
 
 
 @_jit
-def _band_bwd(
+def _band_bwd_kernel(
     Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
-    H, T, L, pid, bh,
+    H, T, L,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Adds the band pairs' gradients to the strided kernel's dQ, dK, dV of block pid: dQ query-major over the
     earlier key blocks the block sees, dK, dV key-major over the later query blocks that see it, and the diagonal
     tile (query block = key block, in both lists) once for all three, between the loops: dQ is finished and
     stored before dK, dV start accumulating, so at most two accumulators are live at a time."""
+    bh = tl.num_programs(1) - 1 - tl.program_id(1)  # reverse order, as in the forward pass
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     Q += b * stride_ib + h * stride_ih
     K += b * stride_ib + h * stride_ih
@@ -278,14 +282,13 @@ def _band_bwd(
     LSE += bh.to(tl.int64) * T
     Delta += bh.to(tl.int64) * T
     d = tl.arange(0, HEAD_DIM)
-    start = pid * BLOCK
+    start = tl.program_id(0) * BLOCK
     idx = start + tl.arange(0, BLOCK)
     ok = idx < T
     q = tl.load(Q + idx[:, None] * stride_it + d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + idx[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
     lse = tl.load(LSE + idx, mask=ok, other=0.0)
-    # The strided kernel's delta and partial dQ, dK, dV are read from L2 (.cg): another SM's program wrote them.
-    delta = tl.load(Delta + idx, mask=ok, other=0.0, cache_modifier=".cg")
+    delta = tl.load(Delta + idx, mask=ok, other=0.0)
 
     # dQ from the earlier key blocks that i - l < j reaches (all below T: no key mask).
     dq = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
@@ -307,8 +310,7 @@ def _band_bwd(
     dv = tl.dot(tl.trans(p.to(do.dtype)), do)
     ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(q.dtype)
     out_ptr = idx[:, None] * stride_ot + d[None, :]
-    dq_s = tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0, cache_modifier=".cg")
-    dq = (dq + tl.dot(ds, k)) * sm_scale + dq_s.to(tl.float32)
+    dq = (dq + tl.dot(ds, k)) * sm_scale + tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DQ + out_ptr, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
     dk = tl.dot(tl.trans(ds), q)
 
@@ -319,158 +321,16 @@ def _band_bwd(
         qm = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
         dom = tl.load(DO + rows[:, None] * stride_gt + d[None, :], mask=row_ok[:, None], other=0.0)
         lse_m = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        delta_m = tl.load(Delta + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+        delta_m = tl.load(Delta + rows, mask=row_ok, other=0.0)
         st = tl.dot(k, tl.trans(qm)) * qk_scale
         pt = tl.where((rows[None, :] - idx[:, None] < L) & row_ok[None, :], tl.exp2(st - lse_m[None, :]), 0.0)
         dv += tl.dot(pt.to(dom.dtype), dom)
         dst = pt * (tl.dot(v, tl.trans(dom)) - delta_m[None, :])
         dk += tl.dot(dst.to(qm.dtype), qm)
-    dk = dk * sm_scale + tl.load(DK + out_ptr, mask=ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-    dv += tl.load(DV + out_ptr, mask=ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+    dk = dk * sm_scale + tl.load(DK + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    dv += tl.load(DV + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DK + out_ptr, dk.to(DK.dtype.element_ty), mask=ok[:, None])
     tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
-
-
-# The two-launch passes: the strided kernel over all heads, then the band kernel. The band kernels take the heads in
-# reverse launch order, so that their first programs find the heads the strided kernel touched last still in L2.
-@_jit
-def _strided_fwd_kernel(
-    Q, K, V, Out, LSE, qk_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-    H, T, L,
-    HEAD_DIM: tl.constexpr, NP: tl.constexpr, RS: tl.constexpr,
-):  # fmt: skip
-    _strided_fwd(Q, K, V, Out, LSE, qk_scale, stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-                 H, T, L, tl.program_id(0), tl.program_id(1), HEAD_DIM, NP, RS)  # fmt: skip
-
-
-@_jit
-def _band_fwd_kernel(
-    Q, K, V, Out, LSE, qk_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-    H, T, L,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    bh = tl.num_programs(1) - 1 - tl.program_id(1)
-    _band_fwd(Q, K, V, Out, LSE, qk_scale, stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-              H, T, L, tl.program_id(0), bh, HEAD_DIM, BLOCK_M, BLOCK_N)  # fmt: skip
-
-
-@_jit
-def _strided_bwd_kernel(
-    Q, K, V, Out, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
-    H, T, L,
-    HEAD_DIM: tl.constexpr, NP: tl.constexpr, RS: tl.constexpr,
-):  # fmt: skip
-    _strided_bwd(Q, K, V, Out, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale, stride_ib, stride_ih, stride_it,
-                 stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt, H, T, L,
-                 tl.program_id(0), tl.program_id(1), HEAD_DIM, NP, RS)  # fmt: skip
-
-
-@_jit
-def _band_bwd_kernel(
-    Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
-    H, T, L,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    bh = tl.num_programs(1) - 1 - tl.program_id(1)
-    _band_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale, stride_ib, stride_ih, stride_it,
-              stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt, H, T, L,
-              tl.program_id(0), bh, HEAD_DIM, BLOCK)  # fmt: skip
-
-
-# The one-launch passes (HsaConfig.lead > 0): one grid of both kinds of program. A program's role comes from a ticket
-# drawn at its start (an atomic counter, Sync[0]), not from its program id: the tickets order the work as
-#   strided(0) .. strided(lead - 1), then for each later head h: strided(h), band(h - lead), then the last bands,
-# and a band program spins until its head's counter (Sync[1 + bh]) says all NS strided programs of the head are
-# done. It reads the head's q, k, v and the partial results a few microseconds after they were touched, from L2:
-# the two passes' traffic with about one pass's HBM reads. No deadlock: the programs a band program waits for hold
-# smaller tickets, so they have started (are resident) and wait for nothing.
-@_jit
-def _claim(Sync, BH, NS, NB, LEAD):
-    """(is_strided, head bh, the program's index within its head's strided or band programs) of the next ticket."""
-    t = tl.atomic_add(Sync, 1, sem="relaxed")
-    n0 = LEAD * NS
-    per = NS + NB
-    n1 = n0 + (BH - LEAD) * per
-    u = t - n0
-    stage = LEAD + u // per
-    r = u % per
-    w = t - n1
-    lead_in = t < n0
-    middle = (t >= n0) & (t < n1)
-    strided = lead_in | (middle & (r < NS))
-    bh = tl.where(lead_in, t // NS, tl.where(middle, tl.where(r < NS, stage, stage - LEAD), BH - LEAD + w // NB))
-    pid = tl.where(lead_in, t % NS, tl.where(middle, tl.where(r < NS, r, r - NS), w % NB))
-    return strided, bh, pid
-
-
-@_jit
-def _signal(Flag):
-    """Counts this program done; the barrier first, so every thread's stores precede the release."""
-    tl.debug_barrier()
-    tl.atomic_add(Flag, 1, sem="release", scope="gpu")
-
-
-@_jit
-def _wait(Flag, N):
-    n = tl.atomic_add(Flag, 0, sem="acquire", scope="gpu")
-    while n < N:
-        n = tl.atomic_add(Flag, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-
-
-@_jit
-def _hsa_fwd_kernel(
-    Q, K, V, Out, LSE, qk_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-    H, T, L, Sync, BH, NS, NB, LEAD,
-    HEAD_DIM: tl.constexpr, NP: tl.constexpr, RS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    strided, bh, pid = _claim(Sync, BH, NS, NB, LEAD)
-    if strided:
-        _strided_fwd(Q, K, V, Out, LSE, qk_scale, stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-                     H, T, L, pid, bh, HEAD_DIM, NP, RS)  # fmt: skip
-        _signal(Sync + 1 + bh)
-    else:
-        _wait(Sync + 1 + bh, NS)
-        _band_fwd(Q, K, V, Out, LSE, qk_scale, stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-                  H, T, L, pid, bh, HEAD_DIM, BLOCK_M, BLOCK_N)  # fmt: skip
-
-
-@_jit
-def _hsa_bwd_kernel(
-    Q, K, V, Out, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
-    H, T, L, Sync, BH, NS, NB, LEAD,
-    HEAD_DIM: tl.constexpr, NP: tl.constexpr, RS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    strided, bh, pid = _claim(Sync, BH, NS, NB, LEAD)
-    if strided:
-        _strided_bwd(Q, K, V, Out, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale, stride_ib, stride_ih, stride_it,
-                     stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt, H, T, L, pid, bh,
-                     HEAD_DIM, NP, RS)  # fmt: skip
-        _signal(Sync + 1 + bh)
-    else:
-        _wait(Sync + 1 + bh, NS)
-        _band_bwd(Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale, stride_ib, stride_ih, stride_it,
-                  stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt, H, T, L, pid, bh,
-                  HEAD_DIM, BLOCK)  # fmt: skip
-
-
-def schedule(ticket: int, bh_count: int, ns: int, nb: int, lead: int) -> tuple[bool, int, int]:
-    """_claim's mapping in Python (the spec its tests check): ticket -> (is_strided, head, index in the head)."""
-    n0, per = lead * ns, ns + nb
-    n1 = n0 + (bh_count - lead) * per
-    if ticket < n0:
-        return True, ticket // ns, ticket % ns
-    if ticket < n1:
-        stage, r = divmod(ticket - n0, per)
-        return (True, lead + stage, r) if r < ns else (False, stage, r - ns)
-    head, r = divmod(ticket - n1, nb)
-    return False, bh_count - lead + head, r
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -501,20 +361,12 @@ class Launch:
 
 
 class HsaConfig(NamedTuple):
-    """The launch parameters of the four kernels for one (T, stride, head dim). lead: 0 runs each pass as two
-    launches (strided kernel, then band kernel); n > 0 runs it as one launch (_hsa_fwd_kernel, _hsa_bwd_kernel) in
-    which the strided programs run n heads ahead of the band programs. That launch takes its warps, stages and
-    register cap from the band's Launch (the strided programs run with them too) and each role's block from its
-    own."""
+    """The launch parameters of the four kernels for one (T, stride, head dim)."""
 
     strided_fwd: Launch
     band_fwd: Launch
     strided_bwd: Launch
     band_bwd: Launch
-    lead: int = 0
-
-
-KERNEL_FIELDS = HsaConfig._fields[:4]  # the fields that are Launches
 
 
 # (T, stride, head dim) -> the fastest configuration of `python -m kernels.bench_hsa --sweep` on an H100 (it prints
@@ -570,9 +422,7 @@ def config_for(T: int, stride: int, head_dim: int) -> HsaConfig:
 def config_error(config: HsaConfig, T: int, stride: int, head_dim: int) -> str | None:
     """Why `config` cannot run this shape (or would compute the wrong pairs), or None if it can."""
     np_ = _periods(T, stride)
-    if config.lead < 0:
-        return f"lead must be >= 0, got {config.lead}"
-    for name, launch in zip(KERNEL_FIELDS, config[:4], strict=True):
+    for name, launch in zip(HsaConfig._fields, config, strict=True):
         for size in (launch.block, launch.block_n or launch.block, launch.num_warps):
             if size < 1 or size & (size - 1):
                 return f"{name}: block sizes and num_warps must be powers of two, got {launch}"
@@ -630,11 +480,6 @@ def _empty_out(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((B, H, T, D))
 
 
-def _sync_counters(q: torch.Tensor, heads: int) -> torch.Tensor:
-    """A one-launch pass's ticket counter and per-head done counters, zeroed: one memset per pass."""
-    return torch.zeros(1 + heads, dtype=torch.int32, device=q.device)
-
-
 def _check_config(config: HsaConfig | None, T: int, stride: int, D: int) -> HsaConfig:
     if config is None:
         return config_for(T, stride, D)
@@ -649,24 +494,17 @@ def hsa_forward(
     """The forward kernels: (o, lse), o (B, nh, T, hs) laid out as _empty_out(q), lse (B*nh, T) in log2 units.
     config: config_for's unless given (the sweep's trials)."""
     B, H, T, D = q.shape
-    cfg = _check_config(config, T, stride, D)
-    strided, band = cfg.strided_fwd, cfg.band_fwd
+    strided, band = _check_config(config, T, stride, D)[:2]
     o = _empty_out(q)
     q, k, v = _same_layout(q, k, v)
     lse = q.new_empty((B * H, T), dtype=torch.float32)
     args = (q, k, v, o, lse, LOG2E / math.sqrt(D), *_strides(q), *_strides(o), H, T, stride)
     np_ = _periods(T, stride)
     rs = strided.block // np_
-    ns, nb = -(-stride // rs), -(-T // band.block)
-    blocks = {"BLOCK_M": band.block, "BLOCK_N": band.block_n or band.block}
-    if cfg.lead:
-        sync = _sync_counters(q, B * H)
-        _hsa_fwd_kernel[((ns + nb) * B * H,)](
-            *args, sync, B * H, ns, nb, min(cfg.lead, B * H), HEAD_DIM=D, NP=np_, RS=rs, **blocks, **band.options()
-        )
-        return o, lse
-    _strided_fwd_kernel[(ns, B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
-    _band_fwd_kernel[(nb, B * H)](*args, HEAD_DIM=D, **blocks, **band.options())
+    _strided_fwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
+    _band_fwd_kernel[(-(-T // band.block), B * H)](
+        *args, HEAD_DIM=D, BLOCK_M=band.block, BLOCK_N=band.block_n or band.block, **band.options()
+    )
     return o, lse
 
 
@@ -676,8 +514,7 @@ def hsa_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward kernels: (dQ, dK, dV), laid out as _empty_out(q); (o, lse) are hsa_forward's of the same q."""
     B, H, T, D = q.shape
-    cfg = _check_config(config, T, stride, D)
-    strided, band = cfg.strided_bwd, cfg.band_bwd
+    strided, band = _check_config(config, T, stride, D)[2:]
     dq, dk, dv = _empty_out(q), _empty_out(q), _empty_out(q)
     if o.stride() != dq.stride():
         raise ValueError(f"o must be hsa_forward's output for this q (strides {dq.stride()}), got {o.stride()}")
@@ -692,16 +529,8 @@ def hsa_backward(
     )  # fmt: skip
     np_ = _periods(T, stride)
     rs = strided.block // np_
-    ns, nb = -(-stride // rs), -(-T // band.block)
-    if cfg.lead:
-        sync = _sync_counters(q, B * H)
-        _hsa_bwd_kernel[((ns + nb) * B * H,)](
-            *args, sync, B * H, ns, nb, min(cfg.lead, B * H), HEAD_DIM=D, NP=np_, RS=rs, BLOCK=band.block,
-            **band.options(),
-        )  # fmt: skip
-        return dq, dk, dv
-    _strided_bwd_kernel[(ns, B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
-    _band_bwd_kernel[(nb, B * H)](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
+    _strided_bwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
+    _band_bwd_kernel[(-(-T // band.block), B * H)](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
     return dq, dk, dv
 
 

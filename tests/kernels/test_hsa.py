@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from kernels.hsa_attention import (
-    KERNEL_FIELDS,
     MODES,
     TUNED,
     HsaConfig,
@@ -18,7 +17,6 @@ from kernels.hsa_attention import (
     hsa_forward,
     hsa_mask,
     make_hsa_attend,
-    schedule,
 )
 from model.gpt import GPT, GPTConfig, causal_attention
 from tests.interpreted import check_interpreted
@@ -142,27 +140,6 @@ def test_bad_configs_are_refused_with_the_reason(kernel, launch, match):
         hsa_forward(q, k, v, stride, cfg)
 
 
-def test_negative_lead_is_refused():
-    cfg = default_config(1024, 64, 64)._replace(lead=-1)
-    assert "lead must be >= 0" in config_error(cfg, 1024, 64, 64)
-
-
-@pytest.mark.parametrize("heads, ns, nb, lead", [(5, 3, 4, 2), (4, 16, 16, 4), (3, 1, 2, 1), (6, 2, 5, 6)])
-def test_one_launch_schedule(heads, ns, nb, lead):
-    """Every (role, head, index) gets exactly one ticket; a head's band programs all come after all of its strided
-    programs and after the strided programs of the head `lead` later (the lead the strided side runs ahead)."""
-    slots = [schedule(t, heads, ns, nb, lead) for t in range((ns + nb) * heads)]
-    assert sorted(slots) == sorted({(s, h, i) for h in range(heads) for s, n in ((True, ns), (False, nb))
-                                    for i in range(n)})  # fmt: skip
-    ticket = {slot: t for t, slot in enumerate(slots)}
-    for h in range(heads):
-        first_band = min(ticket[False, h, i] for i in range(nb))
-        ahead = min(h + lead, heads - 1)
-        assert first_band > max(ticket[True, ahead, i] for i in range(ns))
-        if h + lead + 1 < heads:  # and not later than it must: the next head's strided programs follow
-            assert first_band < min(ticket[True, h + lead + 1, i] for i in range(ns))
-
-
 # The Triton kernel under the CPU interpreter, in a subprocess so TRITON_INTERPRET never reaches other tests; then
 # the same kernels inside a compiled GPT.
 # q, k, v are strided views of one (B, T, 3, nh, hs) tensor, as the model's c_attn split makes them.
@@ -195,12 +172,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     # apart from query blocks), picked up from the TUNED table.
     from kernels import hsa_attention as hsa
     from kernels.hsa_attention import HsaConfig, Launch
-    # lead > 0: one launch per pass, the strided programs 1 or 3 heads ahead of the band programs (3 > the 2 heads).
     configs = [
         HsaConfig(Launch(16, 2), Launch(128, 4, 2, 32), Launch(32, 4), Launch(32, 4, 1, maxnreg=168)),
         HsaConfig(Launch(128, 8), Launch(32, 4, 3, 128), Launch(128, 8), Launch(128, 8, 2)),
-        HsaConfig(Launch(16, 2), Launch(64, 4, 2, 32), Launch(32, 4), Launch(64, 4, 1), lead=1),
-        HsaConfig(Launch(64, 4), Launch(32, 4, 1, 64), Launch(64, 4), Launch(32, 4, 2), lead=3),
     ]
     for T, l in [(257, 64), (300, 20)]:
         q, k, v = (torch.randn(1, 2, T, 16, requires_grad=True) for _ in range(3))
@@ -351,39 +325,6 @@ def test_launch_configs_match_ref_on_gpu(cfg, T, stride, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T, stride, B", [(1024, 64, 16), (2048, 64, 8), (1024, 256, 16), (1000, 48, 3)])
-@pytest.mark.parametrize("lead", [1, 8, 1000])
-def test_one_launch_equals_two_launches_on_gpu(T, stride, B, lead):
-    """The one-launch passes at the trainer's shapes (and a ragged one) against the two-launch passes: the same
-    bodies and blocks, so the same numbers where the strided programs run with the same warps; else within the
-    masked-SDPA bound. 20 calls each: a band program that read its head's partial results before they were all
-    written would show up as a call that differs from the others."""
-    from kernels import hsa_attention as hsa
-
-    H, hs = 12, 64
-    gen = torch.Generator().manual_seed(0)
-    q, k, v, do = (torch.randn(B, H, T, hs, generator=gen).to("cuda", torch.bfloat16) for _ in range(4))
-    two = hsa.config_for(T, stride, hs)._replace(lead=0)
-    one = two._replace(lead=lead)
-    want_o, want_lse = hsa.hsa_forward(q, k, v, stride, two)
-    want = (want_o, *hsa.hsa_backward(q, k, v, want_o, want_lse, do, stride, two))
-    warps = [launch.num_warps for launch in two[:4]]
-    same_warps = warps[0] == warps[1] and warps[2] == warps[3]
-    first = None
-    for _ in range(20):
-        o, lse = hsa.hsa_forward(q, k, v, stride, one)
-        got = (o, *hsa.hsa_backward(q, k, v, o, lse, do, stride, one))
-        first = first or got
-        for g, f in zip(got, first, strict=True):
-            assert torch.equal(g, f)
-    for name, g, w in zip(("o", "dq", "dk", "dv"), first, want, strict=True):
-        if same_warps:
-            assert torch.equal(g, w), name
-        else:
-            torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2, msg=name)
-
-
-@pytest.mark.gpu
 def test_bench_rows_and_sweep_on_gpu():
     """kernels/bench_hsa.py on a small case: every variant and layout in both timing modes (the graph rows capture
     the HSA custom ops, forward and backward), then a sweep over a two-point grid per kernel."""
@@ -399,7 +340,7 @@ def test_bench_rows_and_sweep_on_gpu():
             "strided_bwd": [Launch(64, 4), Launch(32, 4)], "band_bwd": [Launch(64, 4, 2), Launch(32, 4, 1)]}
     timer = lambda fn: bench.time_call(fn, "graph", 1, 3)
     swept = bench.sweep_case(256, 16, 2, timer, time.time() + 300, candidates=grid.__getitem__, log=lambda s: None)
-    for name in KERNEL_FIELDS:
+    for name in HsaConfig._fields:
         trials = swept["kernels"][name]["trials"]
         assert len(trials) == 2 and all(t["ok"] and t["ms"] > 0 for t in trials), trials
         assert swept["kernels"][name]["best"] == min(trials, key=lambda t: t["ms"])["launch"]
