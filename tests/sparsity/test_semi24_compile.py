@@ -85,10 +85,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+# The MLP capture fails in some runs and not in others: on an H100 (torch 2.11, 2026-11-23) it failed
+# (cudaErrorStreamCaptureInvalidated after an AccumulateGrad stream-mismatch warning); on an H200 (session 22) it
+# failed for whichever backend ran first in the process and then captured and replayed for the other, in both orders.
+CAPTURE_FAILS = "the MLP capture failed and the MLPs fell back to eager (known, intermittent; cuda_graph is off)"
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("cuda_graph", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="H100, torch 2.11, 2026-11-23: the MLP capture failed (cudaErrorStreamCaptureInvalidated after "
-    "an AccumulateGrad stream-mismatch warning) and the MLPs fell back to eager; cuda_graph is experimental and off"))])
+@pytest.mark.parametrize("cuda_graph", [False, True])
 @pytest.mark.parametrize("backend", ["cusparselt", "auto"])
 def test_gpu_compiled_gpt_matches_eager(backend, cuda_graph):
     """Inductor, fullgraph, bf16 autocast, the trainer's hook order: the compiled model calls the ops, whose bodies
@@ -108,6 +112,8 @@ def test_gpu_compiled_gpt_matches_eager(backend, cuda_graph):
         runs.append(_train(model, method, opt, run_model, "cuda", batch=8,
                            autocast=torch.autocast("cuda", torch.bfloat16)))
         assert not counters["graph_break"]
+        if cuda_graph and "graph" in s._BROKEN:  # a capture that worked is held to everything below
+            pytest.xfail(CAPTURE_FAILS)
         # Captured at the third call (two warm-ups), replayed through the mask refresh, dropped by the dense phase.
         assert runs[-1][3] == ([0, 2, 2, 0] if cuda_graph else [0] * 4) and "graph" not in s._BROKEN
     (loss_e, grads_e, *_), (loss_c, grads_c, *_) = runs
