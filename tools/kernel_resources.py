@@ -1,0 +1,167 @@
+"""What a Triton kernel costs an SM, found on any machine: compiles it ahead of time for a GPU target (sm_90a by
+default) with triton's bundled ptxas, no GPU needed, and reads the cubin's registers, stack (spills) and shared
+memory, how many programs fit on one SM, and whether the software pipeliner issued async copies.
+
+    python -m tools.kernel_resources            # the HSA kernels at their TUNED configurations, as a table
+    python -m tools.kernel_resources --json r.json
+
+A register cap (Launch.maxnreg) that trades programs per SM for spills, or a loop the pipeliner left alone, shows here
+before any GPU time is spent. The numbers are the compiler's; only a benchmark says what they cost.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+
+SM_REGISTERS = 65536
+SM_THREADS = 2048
+SM_SHARED = 228 * 1024  # H100 / H200: 228 KB of shared memory per SM, up to 227 KB for one program
+
+
+@dataclass(frozen=True)
+class Resources:
+    kernel: str
+    constants: dict[str, Any]
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None
+    registers: int
+    stack_bytes: int  # per thread; mostly spills
+    shared_bytes: int
+    programs_per_sm: int
+    async_copies: int  # async_copy_global_to_local ops in the TritonGPU IR: loads the pipeliner staged
+
+    def row(self) -> str:
+        consts = " ".join(f"{k}={v}" for k, v in self.constants.items())
+        cap = f"cap {self.maxnreg}" if self.maxnreg else "no cap"
+        return (f"{self.kernel:<22} {consts:<36} w{self.num_warps} s{self.num_stages} {cap:<8} "
+                f"regs {self.registers:>3}  stack {self.stack_bytes:>5} B  smem {self.shared_bytes:>6} B  "
+                f"{self.programs_per_sm} / SM  async copies {self.async_copies}")  # fmt: skip
+
+
+def programs_per_sm(registers: int, num_warps: int, shared: int) -> int:
+    """Programs one SM can hold by registers, threads and shared memory (registers are allocated per warp in
+    units of 256, i.e. 8 a thread)."""
+    threads = 32 * num_warps
+    per_thread = -(-max(registers, 1) // 8) * 8
+    by_regs = SM_REGISTERS // (per_thread * threads)
+    by_shared = SM_SHARED // shared if shared else by_regs
+    return min(by_regs, SM_THREADS // threads, by_shared)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise RuntimeError(f"triton has no bundled {name} ({path}); this tool needs triton's NVIDIA backend")
+    return str(path)
+
+
+def compile_resources(
+    fn: Any,
+    signature: dict[str, str],
+    constants: dict[str, Any],
+    options: dict[str, int],
+    arch: int = 90,
+    divisible: frozenset[str] = frozenset(),
+) -> Resources:
+    """Compiles `fn` (a triton.jit function) for sm_<arch> and reads its resources. signature: every runtime
+    argument's Triton type ("*bf16", "i32", "fp32", ...); constants: the constexpr arguments' values; options:
+    num_warps, num_stages and optionally maxnreg; divisible: the arguments a launch would specialize as multiples
+    of 16 (16-byte aligned pointers, integers divisible by 16), which decides how wide the loads are and so the
+    registers: name them as the real launch's values would be."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {**signature, **dict.fromkeys(constants, "constexpr")}
+    names = list(fn.arg_names)
+    if unknown := set(sig) ^ set(names):
+        raise ValueError(f"{fn.__name__}: signature and constants must name every argument; mismatch: {unknown}")
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    source = ASTSource(fn=fn, signature={n: sig[n] for n in names}, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / f"{fn.__name__}.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True)  # fmt: skip
+    line = next((x for x in usage.stdout.splitlines() if "REG:" in x), None)
+    if line is None:
+        raise RuntimeError(f"cuobjdump printed no resource line for {fn.__name__}: {usage.stdout[-300:]}")
+    field = lambda key: int(re.search(rf"{key}:(\d+)", line).group(1))  # noqa: E731
+    regs, shared = field("REG"), compiled.metadata.shared
+    return Resources(
+        kernel=fn.__name__, constants=dict(constants), num_warps=options["num_warps"],
+        num_stages=options.get("num_stages", 3), maxnreg=options.get("maxnreg"), registers=regs,
+        stack_bytes=field("STACK"), shared_bytes=shared,
+        programs_per_sm=programs_per_sm(regs, options["num_warps"], shared),
+        async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"),
+    )  # fmt: skip
+
+
+def hsa_resources(T: int = 1024, stride: int = 64, head_dim: int = 64, arch: int = 90) -> list[Resources]:
+    """The four HSA kernels at config_for(T, stride, head_dim), bf16, as the trainer launches them."""
+    from kernels import hsa_attention as hsa
+
+    cfg = hsa.config_for(T, stride, head_dim)
+    np_ = hsa._periods(T, stride)
+    io = {f"stride_{a}{b}": "i32" for a in "io" for b in "bht"}
+    fwd = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "LSE": "*fp32", "qk_scale": "fp32", **io,
+           "H": "i32", "T": "i32", "L": "i32"}  # fmt: skip
+    grads = {"DO": "*bf16", "DQ": "*bf16", "DK": "*bf16", "DV": "*bf16"}
+    bwd_head = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", **grads, "LSE": "*fp32", "Delta": "*fp32"}
+    tail = {"qk_scale": "fp32", "sm_scale": "fp32", **io, **{f"stride_g{b}": "i32" for b in "bht"},
+            "H": "i32", "T": "i32", "L": "i32"}  # fmt: skip
+    strided_bwd = {**bwd_head, **tail}
+    band_bwd = {k: v for k, v in strided_bwd.items() if k != "Out"}
+    kernels = [
+        (hsa._strided_fwd_kernel, fwd, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_fwd.block // np_},
+         cfg.strided_fwd),
+        (hsa._band_fwd_kernel, fwd, {"HEAD_DIM": head_dim, "BLOCK_M": cfg.band_fwd.block,
+                                     "BLOCK_N": cfg.band_fwd.block_n or cfg.band_fwd.block}, cfg.band_fwd),
+        (hsa._strided_bwd_kernel, strided_bwd, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_bwd.block // np_},
+         cfg.strided_bwd),
+        (hsa._band_bwd_kernel, band_bwd, {"HEAD_DIM": head_dim, "BLOCK": cfg.band_bwd.block}, cfg.band_bwd),
+    ]  # fmt: skip
+    # The trainer's q, k, v are views of c_attn's (B, T, 3 nh hs) output and o is (B, T, nh, hs): every stride is a
+    # multiple of hs; T and l as given.
+    ints = {name for name in io} | {f"stride_g{b}" for b in "bht"}
+    ints = ints if head_dim % 16 == 0 else set()
+    ints |= {name for name, value in (("T", T), ("L", stride)) if value % 16 == 0}
+    out = []
+    for fn, sig, consts, launch in kernels:
+        divisible = frozenset(n for n, t in sig.items() if t.startswith("*") or n in ints)
+        out.append(compile_resources(fn, sig, consts, launch.options(), arch, divisible))
+    return out
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    T: int = typer.Option(1024, "--T", help="Sequence length whose HSA configuration (TUNED or default) is compiled."),
+    stride: int = typer.Option(64, help="HSA stride l."),
+    head_dim: int = typer.Option(64, help="Head dimension."),
+    arch: int = typer.Option(90, help="Compute capability to compile for (90: H100 / H200)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the rows to this JSON file."),
+) -> None:
+    rows = hsa_resources(T, stride, head_dim, arch)
+    for r in rows:
+        print(r.row())
+    if json_out is not None:
+        json_out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    app()
