@@ -115,32 +115,32 @@ def hsa_resources(T: int = 1024, stride: int = 64, head_dim: int = 64, arch: int
 
     cfg = hsa.config_for(T, stride, head_dim)
     np_ = hsa._periods(T, stride)
-    io = {f"stride_{a}{b}": "i32" for a in "io" for b in "bht"}
-    fwd = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "LSE": "*fp32", "qk_scale": "fp32", **io,
-           "H": "i32", "T": "i32", "L": "i32"}  # fmt: skip
-    grads = {"DO": "*bf16", "DQ": "*bf16", "DK": "*bf16", "DV": "*bf16"}
-    bwd_head = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", **grads, "LSE": "*fp32", "Delta": "*fp32"}
-    tail = {"qk_scale": "fp32", "sm_scale": "fp32", **io, **{f"stride_g{b}": "i32" for b in "bht"},
-            "H": "i32", "T": "i32", "L": "i32"}  # fmt: skip
-    strided_bwd = {**bwd_head, **tail}
-    band_bwd = {k: v for k, v in strided_bwd.items() if k != "Out"}
     kernels = [
-        (hsa._strided_fwd_kernel, fwd, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_fwd.block // np_},
+        (hsa._strided_fwd_kernel, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_fwd.block // np_},
          cfg.strided_fwd),
-        (hsa._band_fwd_kernel, fwd, {"HEAD_DIM": head_dim, "BLOCK_M": cfg.band_fwd.block,
-                                     "BLOCK_N": cfg.band_fwd.block_n or cfg.band_fwd.block}, cfg.band_fwd),
-        (hsa._strided_bwd_kernel, strided_bwd, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_bwd.block // np_},
+        (hsa._band_fwd_kernel, {"HEAD_DIM": head_dim, "BLOCK_M": cfg.band_fwd.block,
+                                "BLOCK_N": cfg.band_fwd.block_n or cfg.band_fwd.block}, cfg.band_fwd),
+        (hsa._strided_bwd_kernel, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_bwd.block // np_},
          cfg.strided_bwd),
-        (hsa._band_bwd_kernel, band_bwd, {"HEAD_DIM": head_dim, "BLOCK": cfg.band_bwd.block}, cfg.band_bwd),
+        (hsa._band_bwd_kernel, {"HEAD_DIM": head_dim, "BLOCK": cfg.band_bwd.block}, cfg.band_bwd),
     ]  # fmt: skip
+
+    def arg_type(name: str) -> str:  # the kernels' naming: tensors capitalized, lse and delta fp32
+        if name.startswith("stride") or name in ("H", "T", "L"):
+            return "i32"
+        return "fp32" if name.endswith("scale") else "*fp32" if name in ("LSE", "Delta") else "*bf16"
+
     # The trainer's q, k, v are views of c_attn's (B, T, 3 nh hs) output and o is (B, T, nh, hs): every stride is a
     # multiple of hs; T and l as given.
-    ints = {name for name in io} | {f"stride_g{b}" for b in "bht"}
-    ints = ints if head_dim % 16 == 0 else set()
-    ints |= {name for name, value in (("T", T), ("L", stride)) if value % 16 == 0}
+    def is_divisible(name: str) -> bool:
+        if name.startswith("stride"):
+            return head_dim % 16 == 0
+        return arg_type(name).startswith("*") or {"T": T % 16 == 0, "L": stride % 16 == 0}.get(name, False)
+
     out = []
-    for fn, sig, consts, launch in kernels:
-        divisible = frozenset(n for n, t in sig.items() if t.startswith("*") or n in ints)
+    for fn, consts, launch in kernels:
+        sig = {name: arg_type(name) for name in fn.arg_names if name not in consts}
+        divisible = frozenset(filter(is_divisible, sig))
         out.append(compile_resources(fn, sig, consts, launch.options(), arch, divisible))
     return out
 
