@@ -165,18 +165,10 @@ def sweep_candidates(kernel: str) -> list[Launch]:
         return grid + [
             Launch(64, 4, 2, 64, maxnreg=128), Launch(64, 4, 2, 32), Launch(64, 4, 1, 128), Launch(64, 8, 1, 128),
             Launch(64, 4, 1, 128, maxnreg=168), Launch(128, 8, 2, 128),
-        ] + walks(kernel)  # fmt: skip
+        ]  # fmt: skip
     grid = [Launch(64, w, stages) for w in (4, 8) for stages in (1, 2, 3)]
     return grid + [Launch(64, 4, 1, maxnreg=168), Launch(64, 4, 2, maxnreg=168), Launch(32, 4, 2),
-                   Launch(128, 8, 1), Launch(128, 8, 2)] + walks(kernel)  # fmt: skip
-
-
-def walks(kernel: str) -> list[Launch]:
-    """The band kernels' walking variants (Launch.walk; only where l - 1 <= 64): blocks per program, warps, stages
-    and register caps."""
-    grid = [Launch(64, w, stages, walk=n) for n in (2, 4, 8) for w in (4, 8) for stages in (1, 2)]
-    return grid + [Launch(64, 4, stages, walk=n, maxnreg=cap) for n in (2, 4, 8) for stages in (1, 2)
-                   for cap in (128, 168)]  # fmt: skip
+                   Launch(128, 8, 1), Launch(128, 8, 2)]  # fmt: skip
 
 
 def sweep_case(
@@ -243,7 +235,6 @@ def sweep_case(
 
 
 KERNELS = ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel")
-WALK_KERNELS = ("_band_fwd_walk_kernel", "_band_bwd_walk_kernel")  # the same passes' bytes as the band kernels
 
 
 def hbm_bytes(T: int, B: int, n_head: int = N_HEAD, head_dim: int = HEAD_DIM, elt: int = 2) -> dict[str, int]:
@@ -256,8 +247,7 @@ def hbm_bytes(T: int, B: int, n_head: int = N_HEAD, head_dim: int = HEAD_DIM, el
     t, s = B * n_head * T * head_dim * elt, B * n_head * T * 4
     per = {"_strided_fwd_kernel": 4 * t + s, "_band_fwd_kernel": 5 * t + 2 * s,
            "_strided_bwd_kernel": 8 * t + 2 * s, "_band_bwd_kernel": 10 * t + 2 * s}  # fmt: skip
-    walk = dict(zip(WALK_KERNELS, (per["_band_fwd_kernel"], per["_band_bwd_kernel"]), strict=True))
-    return per | walk | {"two_pass": sum(per.values()), "one_pass": (4 * t + s) + (8 * t + s)}
+    return per | {"two_pass": sum(per.values()), "one_pass": (4 * t + s) + (8 * t + s)}
 
 
 def kernel_rows(T: int, stride: int, B: int, warmup: int, iters: int) -> dict:
@@ -272,8 +262,8 @@ def kernel_rows(T: int, stride: int, B: int, warmup: int, iters: int) -> dict:
     graph_ms = lambda fn: time_call(fn, "graph", warmup, iters)
     nbytes = hbm_bytes(T, B)
     row: dict = {"T": T, "stride": stride, "B": B, "kernels": {}}
-    for name in hsa.kernel_names(hsa.config_for(T, stride, HEAD_DIM)):
-        others = tuple(n for n in KERNELS + WALK_KERNELS if n != name)
+    for name in KERNELS:
+        others = tuple(n for n in KERNELS if n != name)
         with stubbed_launches(hsa, others):
             ms = graph_ms(passes["fwd" if "fwd" in name else "bwd"])
         row["kernels"][name] = {"ms": ms, "bytes": nbytes[name], "GB_per_s": nbytes[name] / ms / 1e6}
@@ -296,7 +286,7 @@ def compiled_kernels() -> dict[str, list[dict]]:
     """What Triton built for each HSA kernel on this device: block sizes, warps, stages, the register cap, and
     the registers, spills and shared memory that bound how many programs share an SM (triton 3.6 internals)."""
     out = {}
-    for name in KERNELS + WALK_KERNELS:
+    for name in ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel"):
         fn = getattr(hsa, name)
         entries = []
         for kernel in fn.device_caches[torch.cuda.current_device()][0].values():

@@ -333,170 +333,6 @@ def _band_bwd_kernel(
     tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
 
-# Band kernels that walk a head's blocks in order, for l - 1 <= BLOCK (the band of a block reaches only the block
-# before it): step n computes query block n's two band tiles, (n, n-1) against the previous block's keys, carried
-# from step n - 1 instead of loaded again, and (n, n). Per 64-row block that is 4 tile loads forward (q, k, v and
-# the strided o) instead of 6, and 7 backward instead of 11; and the loop over blocks lets the pipeliner issue a
-# block's loads while the one before computes. A program walks WALK blocks (Launch.walk): fewer programs, each
-# paying one extra tile load at its start (the forward) or at both ends (the backward).
-
-
-@_jit
-def _band_fwd_walk_kernel(
-    Q, K, V, Out, LSE, qk_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
-    H, T, L,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, WALK: tl.constexpr,
-):  # fmt: skip
-    bh = tl.num_programs(1) - 1 - tl.program_id(1)  # reverse order, as in _band_fwd_kernel
-    in_off = (bh // H).to(tl.int64) * stride_ib + (bh % H).to(tl.int64) * stride_ih
-    out_off = (bh // H).to(tl.int64) * stride_ob + (bh % H).to(tl.int64) * stride_oh
-    Q += in_off
-    K += in_off
-    V += in_off
-    Out += out_off
-    LSE += bh.to(tl.int64) * T
-    d = tl.arange(0, HEAD_DIM)
-    a = tl.arange(0, BLOCK)
-    first = tl.program_id(0) * (WALK * BLOCK)
-    prev = first - BLOCK + a
-    k_p = tl.load(K + prev[:, None] * stride_it + d[None, :], mask=(prev >= 0)[:, None], other=0.0)
-    v_p = tl.load(V + prev[:, None] * stride_it + d[None, :], mask=(prev >= 0)[:, None], other=0.0)
-    for w in range(WALK):
-        start = first + w * BLOCK
-        rows = start + a
-        ok = rows < T
-        ptr = rows[:, None] * stride_it + d[None, :]
-        q = tl.load(Q + ptr, mask=ok[:, None], other=0.0)
-        k = tl.load(K + ptr, mask=ok[:, None], other=0.0)
-        v = tl.load(V + ptr, mask=ok[:, None], other=0.0)
-        out_ptr = Out + rows[:, None] * stride_ot + d[None, :]
-        o_s = tl.load(out_ptr, mask=ok[:, None], other=0.0)
-        lse_s = tl.load(LSE + rows, mask=ok, other=float("-inf"))
-        # The masks come from rows, not from a alone: loop-invariant [BLOCK, BLOCK] masks would be hoisted out of
-        # the loop and held in registers through it. Keys past T meet rows past T only.
-        diff = rows[:, None] - (rows - BLOCK)[None, :]  # tile (n, n-1)
-        s = tl.dot(q, tl.trans(k_p)) * qk_scale
-        s = tl.where((diff < L) & (diff <= rows[:, None]), s, float("-inf"))
-        m_i = tl.maximum(tl.max(s, 1), -1.0e30)  # the finite floor of _band_fwd_kernel (block 0: no keys here)
-        p = tl.exp2(s - m_i[:, None])
-        l_b = tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v_p)
-        diff = rows[:, None] - rows[None, :]  # tile (n, n)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where((diff >= 0) & (diff < L), s, float("-inf"))
-        m = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m)
-        p = tl.exp2(s - m[:, None])
-        l_b = l_b * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        # Merge with the strided kernel's (o, lse), as _band_fwd_kernel does.
-        lse_b = m + tl.log2(l_b)
-        mx = tl.maximum(lse_b, lse_s)
-        w_b = tl.exp2(lse_b - mx)
-        w_s = tl.exp2(lse_s - mx)
-        w_t = w_b + w_s
-        o = acc * (w_b / (l_b * w_t))[:, None] + o_s.to(tl.float32) * (w_s / w_t)[:, None]
-        tl.store(out_ptr, o.to(Out.dtype.element_ty), mask=ok[:, None])
-        tl.store(LSE + rows, mx + tl.log2(w_t), mask=ok)
-        k_p = k
-        v_p = v
-
-
-@_jit
-def _band_bwd_walk_kernel(
-    Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
-    H, T, L,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, WALK: tl.constexpr,
-):  # fmt: skip
-    """Adds the band pairs' gradients to the strided kernel's. Step n: tile (n, n-1) and tile (n, n). After it,
-    block n's dQ is complete, and so are block n-1's dK and dV (the band queries of its keys are in blocks n-1
-    and n): both are added to the strided kernel's and stored; block n's dK, dV so far are carried. The first
-    step's (n0, n0-1) tile counts for dQ only (block n0-1 belongs to the program before, which adds that tile in
-    its epilogue), and the epilogue adds tile (n0 + WALK, n0 + WALK - 1) to the last block's dK, dV."""
-    bh = tl.num_programs(1) - 1 - tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    Q += b * stride_ib + h * stride_ih
-    K += b * stride_ib + h * stride_ih
-    V += b * stride_ib + h * stride_ih
-    DO += b * stride_gb + h * stride_gh
-    DQ += b * stride_ob + h * stride_oh
-    DK += b * stride_ob + h * stride_oh
-    DV += b * stride_ob + h * stride_oh
-    LSE += bh.to(tl.int64) * T
-    Delta += bh.to(tl.int64) * T
-    d = tl.arange(0, HEAD_DIM)
-    a = tl.arange(0, BLOCK)
-    first = tl.program_id(0) * (WALK * BLOCK)
-    prev = first - BLOCK + a
-    k_p = tl.load(K + prev[:, None] * stride_it + d[None, :], mask=(prev >= 0)[:, None], other=0.0)
-    v_p = tl.load(V + prev[:, None] * stride_it + d[None, :], mask=(prev >= 0)[:, None], other=0.0)
-    dk_p = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
-    dv_p = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
-    for w in range(WALK):
-        start = first + w * BLOCK
-        rows = start + a
-        ok = rows < T
-        q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=ok[:, None], other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
-        k = tl.load(K + rows[:, None] * stride_it + d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(V + rows[:, None] * stride_it + d[None, :], mask=ok[:, None], other=0.0)
-        lse = tl.load(LSE + rows, mask=ok, other=0.0)
-        delta = tl.load(Delta + rows, mask=ok, other=0.0)
-        # Tile (n, n-1): keys of the carried block. Rows past T (zeros) must not add to dK, dV: p = 0 there. The
-        # masks come from rows (see _band_fwd_walk_kernel).
-        diff = rows[:, None] - (rows - BLOCK)[None, :]
-        s = tl.dot(q, tl.trans(k_p)) * qk_scale
-        p = tl.where((diff < L) & (diff <= rows[:, None]) & ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        ds = (p * (tl.dot(do, tl.trans(v_p)) - delta[:, None])).to(q.dtype)
-        dq = tl.dot(ds, k_p)
-        dk_p += tl.dot(tl.trans(ds), q)
-        dv_p += tl.dot(tl.trans(p.to(do.dtype)), do)
-        # Block n-1 is done (unless it is the program before's).
-        prow = start - BLOCK + a
-        done = ((prow >= 0) & (prow < T))[:, None] & (w > 0)
-        pptr = prow[:, None] * stride_ot + d[None, :]
-        dk_p = dk_p * sm_scale + tl.load(DK + pptr, mask=done, other=0.0).to(tl.float32)
-        dv_p += tl.load(DV + pptr, mask=done, other=0.0).to(tl.float32)
-        tl.store(DK + pptr, dk_p.to(DK.dtype.element_ty), mask=done)
-        tl.store(DV + pptr, dv_p.to(DV.dtype.element_ty), mask=done)
-        # Tile (n, n).
-        diff = rows[:, None] - rows[None, :]
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where((diff >= 0) & (diff < L) & ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(q.dtype)
-        optr = rows[:, None] * stride_ot + d[None, :]
-        dq = (dq + tl.dot(ds, k)) * sm_scale + tl.load(DQ + optr, mask=ok[:, None], other=0.0).to(tl.float32)
-        tl.store(DQ + optr, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
-        dk_p = tl.dot(tl.trans(ds), q)
-        dv_p = tl.dot(tl.trans(p.to(do.dtype)), do)
-        k_p = k
-        v_p = v
-
-    # Epilogue: the next block's queries against the last block's keys, for its dK, dV.
-    start = first + WALK * BLOCK
-    rows = start + a
-    ok = rows < T
-    q = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + rows[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
-    lse = tl.load(LSE + rows, mask=ok, other=0.0)
-    delta = tl.load(Delta + rows, mask=ok, other=0.0)
-    diff = rows[:, None] - (rows - BLOCK)[None, :]
-    s = tl.dot(q, tl.trans(k_p)) * qk_scale
-    p = tl.where((diff < L) & ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-    ds = (p * (tl.dot(do, tl.trans(v_p)) - delta[:, None])).to(q.dtype)
-    dk_p += tl.dot(tl.trans(ds), q)
-    dv_p += tl.dot(tl.trans(p.to(do.dtype)), do)
-    prow = start - BLOCK + a
-    done = (prow < T)[:, None]
-    pptr = prow[:, None] * stride_ot + d[None, :]
-    dk_p = dk_p * sm_scale + tl.load(DK + pptr, mask=done, other=0.0).to(tl.float32)
-    dv_p += tl.load(DV + pptr, mask=done, other=0.0).to(tl.float32)
-    tl.store(DK + pptr, dk_p.to(DK.dtype.element_ty), mask=done)
-    tl.store(DV + pptr, dv_p.to(DV.dtype.element_ty), mask=done)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Launch. Each kernel's parameters come from TUNED, a table swept per (T, stride, head dim), else default_config.
 # Not triton.autotune: it would pick per process (so runs, and DDP ranks, could differ in their rounding) and pay
@@ -510,16 +346,13 @@ class Launch:
     query block and key block (band forward: its key tile is block_n, default block). num_stages pipelines the
     band kernels' loops over key or query blocks; the strided kernels have no loop. maxnreg caps the registers per
     thread (ptxas .maxnreg): more programs per SM to hide the load latency of these short programs, for some
-    spilling (e.g. the band backward's 229 registers at 4 warps allow 2 programs per SM, 168 allow 3). walk (band
-    kernels only, l - 1 <= block): each program walks that many consecutive blocks of a head, carrying the
-    previous block's tiles (_band_fwd_walk_kernel, _band_bwd_walk_kernel); None launches one program per block."""
+    spilling (e.g. the band backward's 229 registers at 4 warps allow 2 programs per SM, 168 allow 3)."""
 
     block: int
     num_warps: int
     num_stages: int = 1
     block_n: int | None = None
     maxnreg: int | None = None
-    walk: int | None = None
 
     def options(self) -> dict[str, int]:
         """Triton's launch options."""
@@ -599,13 +432,6 @@ def config_error(config: HsaConfig, T: int, stride: int, head_dim: int) -> str |
             return f"{name}: maxnreg must be in [32, 255], got {launch}"
         if launch.block_n is not None and name != "band_fwd" and launch.block_n != launch.block:
             return f"{name}: only band_fwd has a key tile of its own, got {launch}"
-        if launch.walk is not None:
-            if not name.startswith("band") or launch.walk < 1:
-                return f"{name}: walk is a band kernel's blocks per program, >= 1, got {launch}"
-            if launch.block_n not in (None, launch.block):
-                return f"{name}: a walking band kernel's key tile is its block, got {launch}"
-            if stride - 1 > launch.block:
-                return f"{name}: a walk needs the band (l - 1 = {stride - 1}) within one {launch.block}-row block"
         if name.startswith("strided") and launch.block < np_:
             return f"{name}: a {launch.block}-row tile cannot hold a residue class of {np_} periods (T={T}, l={stride})"
         if name.startswith("strided") and launch.block * head_dim > MAX_STRIDED_TILE:
@@ -628,13 +454,6 @@ def triton_unsupported(q: torch.Tensor, stride: int, mode: str = "sparse", dropo
         return f"head dim {hs} (needs one of {TRITON_HEAD_DIMS})"
     why = config_error(config_for(T, stride, hs), T, stride, hs)
     return None if why is None else f"T={T}, stride={stride}, head dim {hs}: {why}"
-
-
-def kernel_names(config: HsaConfig) -> tuple[str, str, str, str]:
-    """The kernels a configuration launches, in launch order (strided fwd, band fwd, strided bwd, band bwd)."""
-    band_fwd = "_band_fwd_kernel" if config.band_fwd.walk is None else "_band_fwd_walk_kernel"
-    band_bwd = "_band_bwd_kernel" if config.band_bwd.walk is None else "_band_bwd_walk_kernel"
-    return "_strided_fwd_kernel", band_fwd, "_strided_bwd_kernel", band_bwd
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -683,13 +502,9 @@ def hsa_forward(
     np_ = _periods(T, stride)
     rs = strided.block // np_
     _strided_fwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
-    if band.walk is None:
-        _band_fwd_kernel[(-(-T // band.block), B * H)](
-            *args, HEAD_DIM=D, BLOCK_M=band.block, BLOCK_N=band.block_n or band.block, **band.options()
-        )
-    else:
-        grid = (-(-T // (band.block * band.walk)), B * H)
-        _band_fwd_walk_kernel[grid](*args, HEAD_DIM=D, BLOCK=band.block, WALK=band.walk, **band.options())
+    _band_fwd_kernel[(-(-T // band.block), B * H)](
+        *args, HEAD_DIM=D, BLOCK_M=band.block, BLOCK_N=band.block_n or band.block, **band.options()
+    )
     return o, lse
 
 
@@ -715,15 +530,7 @@ def hsa_backward(
     np_ = _periods(T, stride)
     rs = strided.block // np_
     _strided_bwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
-    if band.walk is None:
-        _band_bwd_kernel[(-(-T // band.block), B * H)](
-            *args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options()
-        )
-    else:
-        grid = (-(-T // (band.block * band.walk)), B * H)
-        _band_bwd_walk_kernel[grid](
-            *args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, WALK=band.walk, **band.options()
-        )
+    _band_bwd_kernel[(-(-T // band.block), B * H)](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
     return dq, dk, dv
 
 

@@ -109,31 +109,21 @@ def compile_resources(
     )  # fmt: skip
 
 
-def hsa_resources(
-    T: int = 1024, stride: int = 64, head_dim: int = 64, arch: int = 90, config: Any = None
-) -> list[Resources]:
-    """The four HSA kernels at `config` (default config_for(T, stride, head_dim)), bf16, as the trainer launches
-    them."""
+def hsa_resources(T: int = 1024, stride: int = 64, head_dim: int = 64, arch: int = 90) -> list[Resources]:
+    """The four HSA kernels at config_for(T, stride, head_dim), bf16, as the trainer launches them."""
     from kernels import hsa_attention as hsa
 
-    cfg = config or hsa.config_for(T, stride, head_dim)
+    cfg = hsa.config_for(T, stride, head_dim)
     np_ = hsa._periods(T, stride)
-    fwd, bwd = cfg.band_fwd, cfg.band_bwd
-    if fwd.walk is None:
-        band_fwd = (hsa._band_fwd_kernel, {"BLOCK_M": fwd.block, "BLOCK_N": fwd.block_n or fwd.block})
-    else:
-        band_fwd = (hsa._band_fwd_walk_kernel, {"BLOCK": fwd.block, "WALK": fwd.walk})
-    if bwd.walk is None:
-        band_bwd = (hsa._band_bwd_kernel, {"BLOCK": bwd.block})
-    else:
-        band_bwd = (hsa._band_bwd_walk_kernel, {"BLOCK": bwd.block, "WALK": bwd.walk})
     kernels = [
-        (hsa._strided_fwd_kernel, {"NP": np_, "RS": cfg.strided_fwd.block // np_}, cfg.strided_fwd),
-        (*band_fwd, fwd),
-        (hsa._strided_bwd_kernel, {"NP": np_, "RS": cfg.strided_bwd.block // np_}, cfg.strided_bwd),
-        (*band_bwd, bwd),
-    ]
-    kernels = [(fn, {"HEAD_DIM": head_dim, **consts}, launch) for fn, consts, launch in kernels]
+        (hsa._strided_fwd_kernel, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_fwd.block // np_},
+         cfg.strided_fwd),
+        (hsa._band_fwd_kernel, {"HEAD_DIM": head_dim, "BLOCK_M": cfg.band_fwd.block,
+                                "BLOCK_N": cfg.band_fwd.block_n or cfg.band_fwd.block}, cfg.band_fwd),
+        (hsa._strided_bwd_kernel, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_bwd.block // np_},
+         cfg.strided_bwd),
+        (hsa._band_bwd_kernel, {"HEAD_DIM": head_dim, "BLOCK": cfg.band_bwd.block}, cfg.band_bwd),
+    ]  # fmt: skip
 
     def arg_type(name: str) -> str:  # the kernels' naming: tensors capitalized, lse and delta fp32
         if name.startswith("stride") or name in ("H", "T", "L"):

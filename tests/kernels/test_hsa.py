@@ -129,10 +129,6 @@ def test_tuned_entries_fit_their_shapes():
         ("strided_bwd", Launch(256, 8), "256 x 64"),
         ("band_bwd", Launch(64, 4, 2, 32), "key tile"),
         ("strided_bwd", Launch(64, 4, maxnreg=300), "maxnreg"),
-        ("strided_fwd", Launch(64, 4, walk=2), "walk is a band kernel's"),
-        ("band_bwd", Launch(64, 4, walk=0), "walk is a band kernel's"),
-        ("band_fwd", Launch(64, 4, 2, 32, walk=2), "key tile is its block"),
-        ("band_fwd", Launch(32, 4, walk=2), "within one 32-row block"),
     ],
 )
 def test_bad_configs_are_refused_with_the_reason(kernel, launch, match):
@@ -173,16 +169,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             torch.testing.assert_close(qkv.grad[:, :, n].transpose(1, 2), ref_in[n].grad, atol=1e-5, rtol=1e-4)
 
     # Launch configurations other than the defaults (16- to 128-row strided tiles, band blocks of 32 and 128, key tiles
-    # apart from query blocks, band kernels walking 1 to 3 blocks a program), picked up from the TUNED table.
+    # apart from query blocks), picked up from the TUNED table.
     from kernels import hsa_attention as hsa
     from kernels.hsa_attention import HsaConfig, Launch
     configs = [
         HsaConfig(Launch(16, 2), Launch(128, 4, 2, 32), Launch(32, 4), Launch(32, 4, 1, maxnreg=168)),
         HsaConfig(Launch(128, 8), Launch(32, 4, 3, 128), Launch(128, 8), Launch(128, 8, 2)),
-        HsaConfig(Launch(64, 4), Launch(64, 4, 2, walk=3), Launch(64, 4), Launch(64, 4, 2, walk=2)),
-        HsaConfig(Launch(64, 4), Launch(64, 8, 1, walk=1), Launch(64, 4), Launch(64, 8, 1, walk=3)),
     ]
-    for T, l in [(257, 64), (300, 20), (64, 64), (128, 9)]:
+    for T, l in [(257, 64), (300, 20)]:
         q, k, v = (torch.randn(1, 2, T, 16, requires_grad=True) for _ in range(3))
         dout = torch.randn(1, 2, T, 16)
         ref = hsa_attention_ref(q, k, v, l)
@@ -305,7 +299,6 @@ def test_auto_picks_triton_on_gpu_and_ref_otherwise():
         HsaConfig(
             Launch(64, 4), Launch(64, 4, 2, 64, maxnreg=128), Launch(64, 4, maxnreg=128), Launch(64, 4, 2, maxnreg=168)
         ),
-        HsaConfig(Launch(64, 4), Launch(64, 4, 2, walk=4), Launch(64, 4), Launch(64, 8, 2, walk=3)),
     ],
 )
 @pytest.mark.parametrize("T, stride", [(1000, 48), (2048, 64)])
@@ -371,14 +364,10 @@ def test_per_kernel_stubs_name_the_kernels_each_pass_launches():
     from kernels.benchutil import stubbed_launches
 
     q, k, v, do = (torch.randn(1, 2, 128, 16) for _ in range(4))
-    walking = hsa.default_config(128, 16, 16)._replace(band_fwd=hsa.Launch(64, 4, walk=2),
-                                                       band_bwd=hsa.Launch(64, 4, walk=2))  # fmt: skip
-    for cfg in (hsa.default_config(128, 16, 16), walking):
-        with stubbed_launches(hsa, bench.KERNELS + bench.WALK_KERNELS) as launches:
-            o, lse = hsa.hsa_forward(q, k, v, 16, cfg)
-            hsa.hsa_backward(q, k, v, o, lse, do, 16, cfg)
-        assert launches == list(hsa.kernel_names(cfg))
-    assert hsa.kernel_names(walking)[1::2] == bench.WALK_KERNELS
+    with stubbed_launches(hsa, bench.KERNELS) as launches:
+        o, lse = hsa.hsa_forward(q, k, v, 16)
+        hsa.hsa_backward(q, k, v, o, lse, do, 16)
+    assert launches == list(bench.KERNELS)
 
 
 @pytest.mark.gpu
