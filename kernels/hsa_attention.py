@@ -333,6 +333,97 @@ def _band_bwd_kernel(
     tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
 
+@_jit
+def _band_bwd_short_kernel(
+    Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
+    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
+    H, T, L,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, EARLY: tl.constexpr,
+):  # fmt: skip
+    """_band_bwd_kernel for l - 1 <= BLOCK, where each of its loops has one trip (the block before, the block
+    after), written straight: EARLY = 1 issues every input tile's load before the first dot (several loads in
+    flight instead of two), EARLY = 2 the strided kernel's partial gradients too, EARLY = 0 loads where they are
+    used."""
+    bh = tl.num_programs(1) - 1 - tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    Q += b * stride_ib + h * stride_ih
+    K += b * stride_ib + h * stride_ih
+    V += b * stride_ib + h * stride_ih
+    DO += b * stride_gb + h * stride_gh
+    DQ += b * stride_ob + h * stride_oh
+    DK += b * stride_ob + h * stride_oh
+    DV += b * stride_ob + h * stride_oh
+    LSE += bh.to(tl.int64) * T
+    Delta += bh.to(tl.int64) * T
+    d = tl.arange(0, HEAD_DIM)
+    start = tl.program_id(0) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
+    ok = idx < T
+    prev = idx - BLOCK
+    p_ok = prev >= 0
+    nxt = idx + BLOCK
+    n_ok = nxt < T
+    in_ptr = idx[:, None] * stride_it + d[None, :]
+    out_ptr = idx[:, None] * stride_ot + d[None, :]
+    q = tl.load(Q + in_ptr, mask=ok[:, None], other=0.0)
+    do = tl.load(DO + idx[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
+    lse = tl.load(LSE + idx, mask=ok, other=0.0)
+    delta = tl.load(Delta + idx, mask=ok, other=0.0)
+    kj = tl.load(K + prev[:, None] * stride_it + d[None, :], mask=p_ok[:, None], other=0.0)
+    vj = tl.load(V + prev[:, None] * stride_it + d[None, :], mask=p_ok[:, None], other=0.0)
+    if EARLY >= 1:
+        k = tl.load(K + in_ptr, mask=ok[:, None], other=0.0)
+        v = tl.load(V + in_ptr, mask=ok[:, None], other=0.0)
+        qm = tl.load(Q + nxt[:, None] * stride_it + d[None, :], mask=n_ok[:, None], other=0.0)
+        dom = tl.load(DO + nxt[:, None] * stride_gt + d[None, :], mask=n_ok[:, None], other=0.0)
+        lse_m = tl.load(LSE + nxt, mask=n_ok, other=0.0)
+        delta_m = tl.load(Delta + nxt, mask=n_ok, other=0.0)
+    if EARLY >= 2:
+        dq0 = tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0)
+        dk0 = tl.load(DK + out_ptr, mask=ok[:, None], other=0.0)
+        dv0 = tl.load(DV + out_ptr, mask=ok[:, None], other=0.0)
+
+    # dQ from the block before (keys j = i - BLOCK + ...: i - j < l reaches only it).
+    s = tl.dot(q, tl.trans(kj)) * qk_scale
+    p = tl.where((idx[:, None] - prev[None, :] < L) & p_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(vj)) - delta[:, None])
+    dq = tl.dot(ds.to(kj.dtype), kj)
+
+    # The diagonal tile.
+    if EARLY == 0:
+        k = tl.load(K + in_ptr, mask=ok[:, None], other=0.0)
+        v = tl.load(V + in_ptr, mask=ok[:, None], other=0.0)
+    diff = idx[:, None] - idx[None, :]
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.where((diff >= 0) & (diff < L) & ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+    ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(q.dtype)
+    if EARLY < 2:
+        dq0 = tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0)
+    dq = (dq + tl.dot(ds, k)) * sm_scale + dq0.to(tl.float32)
+    tl.store(DQ + out_ptr, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+    dk = tl.dot(tl.trans(ds), q)
+
+    # dK, dV from the block after (rows past T or past the band: p = 0).
+    if EARLY == 0:
+        qm = tl.load(Q + nxt[:, None] * stride_it + d[None, :], mask=n_ok[:, None], other=0.0)
+        dom = tl.load(DO + nxt[:, None] * stride_gt + d[None, :], mask=n_ok[:, None], other=0.0)
+        lse_m = tl.load(LSE + nxt, mask=n_ok, other=0.0)
+        delta_m = tl.load(Delta + nxt, mask=n_ok, other=0.0)
+    st = tl.dot(k, tl.trans(qm)) * qk_scale
+    pt = tl.where((nxt[None, :] - idx[:, None] < L) & n_ok[None, :], tl.exp2(st - lse_m[None, :]), 0.0)
+    dv += tl.dot(pt.to(dom.dtype), dom)
+    dst = pt * (tl.dot(v, tl.trans(dom)) - delta_m[None, :])
+    dk += tl.dot(dst.to(qm.dtype), qm)
+    if EARLY < 2:
+        dk0 = tl.load(DK + out_ptr, mask=ok[:, None], other=0.0)
+        dv0 = tl.load(DV + out_ptr, mask=ok[:, None], other=0.0)
+    dk = dk * sm_scale + dk0.to(tl.float32)
+    dv += dv0.to(tl.float32)
+    tl.store(DK + out_ptr, dk.to(DK.dtype.element_ty), mask=ok[:, None])
+    tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch. Each kernel's parameters come from TUNED, a table swept per (T, stride, head dim), else default_config.
 # Not triton.autotune: it would pick per process (so runs, and DDP ranks, could differ in their rounding) and pay
@@ -353,6 +444,7 @@ class Launch:
     num_stages: int = 1
     block_n: int | None = None
     maxnreg: int | None = None
+    early: int | None = None
 
     def options(self) -> dict[str, int]:
         """Triton's launch options."""
@@ -434,6 +526,10 @@ def config_error(config: HsaConfig, T: int, stride: int, head_dim: int) -> str |
             return f"{name}: maxnreg must be in [32, 255], got {launch}"
         if launch.block_n is not None and name != "band_fwd" and launch.block_n != launch.block:
             return f"{name}: only band_fwd has a key tile of its own, got {launch}"
+        if launch.early is not None and (name != "band_bwd" or launch.early not in (0, 1, 2)):
+            return f"{name}: early (0, 1 or 2) is band_bwd's, got {launch}"
+        if launch.early is not None and stride - 1 > launch.block:
+            return f"{name}: early needs the band (l - 1 = {stride - 1}) within one {launch.block}-row block"
         if name.startswith("strided") and launch.block < np_:
             return f"{name}: a {launch.block}-row tile cannot hold a residue class of {np_} periods (T={T}, l={stride})"
         if name.startswith("strided") and launch.block * head_dim > MAX_STRIDED_TILE:
@@ -532,7 +628,12 @@ def hsa_backward(
     np_ = _periods(T, stride)
     rs = strided.block // np_
     _strided_bwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
-    _band_bwd_kernel[(-(-T // band.block), B * H)](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
+    grid = (-(-T // band.block), B * H)
+    if band.early is None:
+        _band_bwd_kernel[grid](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
+    else:
+        _band_bwd_short_kernel[grid](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, EARLY=band.early,
+                                     **band.options())  # fmt: skip
     return dq, dk, dv
 
 
