@@ -168,7 +168,8 @@ def sweep_candidates(kernel: str) -> list[Launch]:
         ]  # fmt: skip
     grid = [Launch(64, w, stages) for w in (4, 8) for stages in (1, 2, 3)]
     return grid + [Launch(64, 4, 1, maxnreg=168), Launch(64, 4, 2, maxnreg=168), Launch(32, 4, 2),
-                   Launch(128, 8, 1), Launch(128, 8, 2)]  # fmt: skip
+                   Launch(128, 8, 1), Launch(128, 8, 2)] + [
+        Launch(64, 4, 1, maxnreg=cap, unrolled=True) for cap in (None, 168, 128)]  # l <= 65 only  # fmt: skip
 
 
 def sweep_case(
@@ -235,6 +236,7 @@ def sweep_case(
 
 
 KERNELS = ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel")
+ALL_KERNELS = (*KERNELS, "_band_bwd_short_kernel")  # the unrolled band backward moves the band backward's bytes
 
 
 def hbm_bytes(T: int, B: int, n_head: int = N_HEAD, head_dim: int = HEAD_DIM, elt: int = 2) -> dict[str, int]:
@@ -247,7 +249,8 @@ def hbm_bytes(T: int, B: int, n_head: int = N_HEAD, head_dim: int = HEAD_DIM, el
     t, s = B * n_head * T * head_dim * elt, B * n_head * T * 4
     per = {"_strided_fwd_kernel": 4 * t + s, "_band_fwd_kernel": 5 * t + 2 * s,
            "_strided_bwd_kernel": 8 * t + 2 * s, "_band_bwd_kernel": 10 * t + 2 * s}  # fmt: skip
-    return per | {"two_pass": sum(per.values()), "one_pass": (4 * t + s) + (8 * t + s)}
+    return per | {"_band_bwd_short_kernel": per["_band_bwd_kernel"], "two_pass": sum(per.values()),
+                  "one_pass": (4 * t + s) + (8 * t + s)}
 
 
 def kernel_rows(T: int, stride: int, B: int, warmup: int, iters: int) -> dict:
@@ -262,8 +265,8 @@ def kernel_rows(T: int, stride: int, B: int, warmup: int, iters: int) -> dict:
     graph_ms = lambda fn: time_call(fn, "graph", warmup, iters)
     nbytes = hbm_bytes(T, B)
     row: dict = {"T": T, "stride": stride, "B": B, "kernels": {}}
-    for name in KERNELS:
-        others = tuple(n for n in KERNELS if n != name)
+    for name in hsa.kernel_names(hsa.config_for(T, stride, HEAD_DIM)):
+        others = tuple(n for n in ALL_KERNELS if n != name)
         with stubbed_launches(hsa, others):
             ms = graph_ms(passes["fwd" if "fwd" in name else "bwd"])
         row["kernels"][name] = {"ms": ms, "bytes": nbytes[name], "GB_per_s": nbytes[name] / ms / 1e6}
@@ -286,7 +289,7 @@ def compiled_kernels() -> dict[str, list[dict]]:
     """What Triton built for each HSA kernel on this device: block sizes, warps, stages, the register cap, and
     the registers, spills and shared memory that bound how many programs share an SM (triton 3.6 internals)."""
     out = {}
-    for name in ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel"):
+    for name in ALL_KERNELS:
         fn = getattr(hsa, name)
         entries = []
         for kernel in fn.device_caches[torch.cuda.current_device()][0].values():

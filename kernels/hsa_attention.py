@@ -338,12 +338,11 @@ def _band_bwd_short_kernel(
     Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
     H, T, L,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, EARLY: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """_band_bwd_kernel for l - 1 <= BLOCK, where each of its loops has one trip (the block before, the block
-    after), written straight: EARLY = 1 issues every input tile's load before the first dot (several loads in
-    flight instead of two), EARLY = 2 the strided kernel's partial gradients too, EARLY = 0 loads where they are
-    used."""
+    """_band_bwd_kernel for l - 1 <= BLOCK (Launch.unrolled), where each of its two loops has one trip, the block
+    before and the block after, written straight. Loads stay where they are used: issuing them all before the
+    first dot was slower on the H200 (more registers; results/raw/h200-hsa-band-bwd-short.json)."""
     bh = tl.num_programs(1) - 1 - tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     Q += b * stride_ib + h * stride_ih
@@ -359,70 +358,51 @@ def _band_bwd_short_kernel(
     start = tl.program_id(0) * BLOCK
     idx = start + tl.arange(0, BLOCK)
     ok = idx < T
-    prev = idx - BLOCK
-    p_ok = prev >= 0
-    nxt = idx + BLOCK
-    n_ok = nxt < T
     in_ptr = idx[:, None] * stride_it + d[None, :]
     out_ptr = idx[:, None] * stride_ot + d[None, :]
     q = tl.load(Q + in_ptr, mask=ok[:, None], other=0.0)
     do = tl.load(DO + idx[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
     lse = tl.load(LSE + idx, mask=ok, other=0.0)
     delta = tl.load(Delta + idx, mask=ok, other=0.0)
+
+    # dQ from the block before: i - l < j reaches no further.
+    prev = idx - BLOCK
+    p_ok = prev >= 0
     kj = tl.load(K + prev[:, None] * stride_it + d[None, :], mask=p_ok[:, None], other=0.0)
     vj = tl.load(V + prev[:, None] * stride_it + d[None, :], mask=p_ok[:, None], other=0.0)
-    if EARLY >= 1:
-        k = tl.load(K + in_ptr, mask=ok[:, None], other=0.0)
-        v = tl.load(V + in_ptr, mask=ok[:, None], other=0.0)
-        qm = tl.load(Q + nxt[:, None] * stride_it + d[None, :], mask=n_ok[:, None], other=0.0)
-        dom = tl.load(DO + nxt[:, None] * stride_gt + d[None, :], mask=n_ok[:, None], other=0.0)
-        lse_m = tl.load(LSE + nxt, mask=n_ok, other=0.0)
-        delta_m = tl.load(Delta + nxt, mask=n_ok, other=0.0)
-    if EARLY >= 2:
-        dq0 = tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0)
-        dk0 = tl.load(DK + out_ptr, mask=ok[:, None], other=0.0)
-        dv0 = tl.load(DV + out_ptr, mask=ok[:, None], other=0.0)
-
-    # dQ from the block before (keys j = i - BLOCK + ...: i - j < l reaches only it).
     s = tl.dot(q, tl.trans(kj)) * qk_scale
     p = tl.where((idx[:, None] - prev[None, :] < L) & p_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
     ds = p * (tl.dot(do, tl.trans(vj)) - delta[:, None])
     dq = tl.dot(ds.to(kj.dtype), kj)
 
     # The diagonal tile.
-    if EARLY == 0:
-        k = tl.load(K + in_ptr, mask=ok[:, None], other=0.0)
-        v = tl.load(V + in_ptr, mask=ok[:, None], other=0.0)
+    k = tl.load(K + in_ptr, mask=ok[:, None], other=0.0)
+    v = tl.load(V + in_ptr, mask=ok[:, None], other=0.0)
     diff = idx[:, None] - idx[None, :]
     s = tl.dot(q, tl.trans(k)) * qk_scale
     p = tl.where((diff >= 0) & (diff < L) & ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
     dv = tl.dot(tl.trans(p.to(do.dtype)), do)
     ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(q.dtype)
-    if EARLY < 2:
-        dq0 = tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0)
-    dq = (dq + tl.dot(ds, k)) * sm_scale + dq0.to(tl.float32)
+    dq = (dq + tl.dot(ds, k)) * sm_scale + tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DQ + out_ptr, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
     dk = tl.dot(tl.trans(ds), q)
 
     # dK, dV from the block after (rows past T or past the band: p = 0).
-    if EARLY == 0:
-        qm = tl.load(Q + nxt[:, None] * stride_it + d[None, :], mask=n_ok[:, None], other=0.0)
-        dom = tl.load(DO + nxt[:, None] * stride_gt + d[None, :], mask=n_ok[:, None], other=0.0)
-        lse_m = tl.load(LSE + nxt, mask=n_ok, other=0.0)
-        delta_m = tl.load(Delta + nxt, mask=n_ok, other=0.0)
+    nxt = idx + BLOCK
+    n_ok = nxt < T
+    qm = tl.load(Q + nxt[:, None] * stride_it + d[None, :], mask=n_ok[:, None], other=0.0)
+    dom = tl.load(DO + nxt[:, None] * stride_gt + d[None, :], mask=n_ok[:, None], other=0.0)
+    lse_m = tl.load(LSE + nxt, mask=n_ok, other=0.0)
+    delta_m = tl.load(Delta + nxt, mask=n_ok, other=0.0)
     st = tl.dot(k, tl.trans(qm)) * qk_scale
     pt = tl.where((nxt[None, :] - idx[:, None] < L) & n_ok[None, :], tl.exp2(st - lse_m[None, :]), 0.0)
     dv += tl.dot(pt.to(dom.dtype), dom)
     dst = pt * (tl.dot(v, tl.trans(dom)) - delta_m[None, :])
     dk += tl.dot(dst.to(qm.dtype), qm)
-    if EARLY < 2:
-        dk0 = tl.load(DK + out_ptr, mask=ok[:, None], other=0.0)
-        dv0 = tl.load(DV + out_ptr, mask=ok[:, None], other=0.0)
-    dk = dk * sm_scale + dk0.to(tl.float32)
-    dv += dv0.to(tl.float32)
+    dk = dk * sm_scale + tl.load(DK + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    dv += tl.load(DV + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DK + out_ptr, dk.to(DK.dtype.element_ty), mask=ok[:, None])
     tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launch. Each kernel's parameters come from TUNED, a table swept per (T, stride, head dim), else default_config.
@@ -437,14 +417,15 @@ class Launch:
     query block and key block (band forward: its key tile is block_n, default block). num_stages pipelines the
     band kernels' loops over key or query blocks; the strided kernels have no loop. maxnreg caps the registers per
     thread (ptxas .maxnreg): more programs per SM to hide the load latency of these short programs, for some
-    spilling (e.g. the band backward's 229 registers at 4 warps allow 2 programs per SM, 168 allow 3)."""
+    spilling (e.g. the band backward's 229 registers at 4 warps allow 2 programs per SM, 168 allow 3). unrolled
+    (band backward only, l - 1 <= block): _band_bwd_short_kernel, its one-trip loops written straight."""
 
     block: int
     num_warps: int
     num_stages: int = 1
     block_n: int | None = None
     maxnreg: int | None = None
-    early: int | None = None
+    unrolled: bool = False
 
     def options(self) -> dict[str, int]:
         """Triton's launch options."""
@@ -466,13 +447,14 @@ class HsaConfig(NamedTuple):
 TUNED: dict[tuple[int, int, int], HsaConfig] = {
     # `python -m kernels.bench_hsa --sweep` on an H100 (results/raw/h100-hsa-sweep.json): bwd 0.194 -> 0.173 ms at
     # T=1024 and 0.197 -> 0.175 ms at T=2048 (graph replays, B*nh = 192 / 96); fwd within 3% of the defaults.
-    # strided_bwd capped at 128 registers (4 programs per SM instead of 3) in session 23 on an H200
-    # (results/raw/h200-hsa-caps.json): bwd 0.152 -> 0.148 ms, the strided kernel 0.060 -> 0.056.
+    # Session 23 on an H200: strided_bwd capped at 128 registers, 4 programs per SM instead of 3
+    # (results/raw/h200-hsa-caps.json: bwd 0.152 -> 0.148 ms), then the unrolled band backward
+    # (results/raw/h200-hsa-band-bwd-short.json: bwd 0.147 -> 0.137 ms; 0.149 -> 0.139 at T=2048).
     (1024, 64, 64): HsaConfig(
         strided_fwd=Launch(block=64, num_warps=4, num_stages=1),
         band_fwd=Launch(block=64, num_warps=4, num_stages=2, block_n=64, maxnreg=128),
         strided_bwd=Launch(block=64, num_warps=4, num_stages=1, maxnreg=128),
-        band_bwd=Launch(block=64, num_warps=4, num_stages=1, maxnreg=168)),
+        band_bwd=Launch(block=64, num_warps=4, num_stages=1, maxnreg=168, unrolled=True)),
     # MST's default stride (configs/mst-gpt2.toml): `--sweep --cases 1024x256x16` on an H200
     # (results/raw/h200-hsa-sweep-1024-256.json): bwd 0.261 -> 0.209 ms, fwd 0.092 -> 0.091 ms (graph replays).
     (1024, 256, 64): HsaConfig(
@@ -484,7 +466,7 @@ TUNED: dict[tuple[int, int, int], HsaConfig] = {
         strided_fwd=Launch(block=32, num_warps=2, num_stages=1),
         band_fwd=Launch(block=64, num_warps=4, num_stages=2, block_n=64, maxnreg=128),
         strided_bwd=Launch(block=64, num_warps=4, num_stages=1, maxnreg=128),
-        band_bwd=Launch(block=64, num_warps=4, num_stages=1, maxnreg=168)),
+        band_bwd=Launch(block=64, num_warps=4, num_stages=1, maxnreg=168, unrolled=True)),
 }
 
 
@@ -526,10 +508,10 @@ def config_error(config: HsaConfig, T: int, stride: int, head_dim: int) -> str |
             return f"{name}: maxnreg must be in [32, 255], got {launch}"
         if launch.block_n is not None and name != "band_fwd" and launch.block_n != launch.block:
             return f"{name}: only band_fwd has a key tile of its own, got {launch}"
-        if launch.early is not None and (name != "band_bwd" or launch.early not in (0, 1, 2)):
-            return f"{name}: early (0, 1 or 2) is band_bwd's, got {launch}"
-        if launch.early is not None and stride - 1 > launch.block:
-            return f"{name}: early needs the band (l - 1 = {stride - 1}) within one {launch.block}-row block"
+        if launch.unrolled and name != "band_bwd":
+            return f"{name}: only band_bwd has an unrolled kernel, got {launch}"
+        if launch.unrolled and stride - 1 > launch.block:
+            return f"{name}: unrolled needs the band (l - 1 = {stride - 1}) within one {launch.block}-row block"
         if name.startswith("strided") and launch.block < np_:
             return f"{name}: a {launch.block}-row tile cannot hold a residue class of {np_} periods (T={T}, l={stride})"
         if name.startswith("strided") and launch.block * head_dim > MAX_STRIDED_TILE:
@@ -552,6 +534,12 @@ def triton_unsupported(q: torch.Tensor, stride: int, mode: str = "sparse", dropo
         return f"head dim {hs} (needs one of {TRITON_HEAD_DIMS})"
     why = config_error(config_for(T, stride, hs), T, stride, hs)
     return None if why is None else f"T={T}, stride={stride}, head dim {hs}: {why}"
+
+
+def kernel_names(config: HsaConfig) -> tuple[str, str, str, str]:
+    """The kernels a configuration launches, in launch order (strided fwd, band fwd, strided bwd, band bwd)."""
+    band_bwd = "_band_bwd_short_kernel" if config.band_bwd.unrolled else "_band_bwd_kernel"
+    return "_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", band_bwd
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -629,11 +617,8 @@ def hsa_backward(
     rs = strided.block // np_
     _strided_bwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
     grid = (-(-T // band.block), B * H)
-    if band.early is None:
-        _band_bwd_kernel[grid](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
-    else:
-        _band_bwd_short_kernel[grid](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, EARLY=band.early,
-                                     **band.options())  # fmt: skip
+    kernel = _band_bwd_short_kernel if band.unrolled else _band_bwd_kernel
+    kernel[grid](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
     return dq, dk, dv
 
 

@@ -129,6 +129,8 @@ def test_tuned_entries_fit_their_shapes():
         ("strided_bwd", Launch(256, 8), "256 x 64"),
         ("band_bwd", Launch(64, 4, 2, 32), "key tile"),
         ("strided_bwd", Launch(64, 4, maxnreg=300), "maxnreg"),
+        ("band_fwd", Launch(64, 4, unrolled=True), "only band_bwd has an unrolled"),
+        ("band_bwd", Launch(32, 4, unrolled=True), "within one 32-row block"),
     ],
 )
 def test_bad_configs_are_refused_with_the_reason(kernel, launch, match):
@@ -169,14 +171,16 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
             torch.testing.assert_close(qkv.grad[:, :, n].transpose(1, 2), ref_in[n].grad, atol=1e-5, rtol=1e-4)
 
     # Launch configurations other than the defaults (16- to 128-row strided tiles, band blocks of 32 and 128, key tiles
-    # apart from query blocks), picked up from the TUNED table.
+    # apart from query blocks, the unrolled band backward at l - 1 <= block, l = block + 1 included), picked up from
+    # the TUNED table.
     from kernels import hsa_attention as hsa
     from kernels.hsa_attention import HsaConfig, Launch
     configs = [
         HsaConfig(Launch(16, 2), Launch(128, 4, 2, 32), Launch(32, 4), Launch(32, 4, 1, maxnreg=168)),
         HsaConfig(Launch(128, 8), Launch(32, 4, 3, 128), Launch(128, 8), Launch(128, 8, 2)),
+        HsaConfig(Launch(16, 2), Launch(64, 4, 2, 64), Launch(32, 4), Launch(64, 4, 1, unrolled=True)),
     ]
-    for T, l in [(257, 64), (300, 20)]:
+    for T, l in [(257, 64), (300, 20), (130, 65), (40, 3)]:
         q, k, v = (torch.randn(1, 2, T, 16, requires_grad=True) for _ in range(3))
         dout = torch.randn(1, 2, T, 16)
         ref = hsa_attention_ref(q, k, v, l)
@@ -299,6 +303,7 @@ def test_auto_picks_triton_on_gpu_and_ref_otherwise():
         HsaConfig(
             Launch(64, 4), Launch(64, 4, 2, 64, maxnreg=128), Launch(64, 4, maxnreg=128), Launch(64, 4, 2, maxnreg=168)
         ),
+        HsaConfig(Launch(64, 4), Launch(64, 4, 2, 64), Launch(64, 4), Launch(64, 4, 1, maxnreg=168, unrolled=True)),
     ],
 )
 @pytest.mark.parametrize("T, stride", [(1000, 48), (2048, 64)])
@@ -364,17 +369,22 @@ def test_per_kernel_stubs_name_the_kernels_each_pass_launches():
     from kernels.benchutil import stubbed_launches
 
     q, k, v, do = (torch.randn(1, 2, 128, 16) for _ in range(4))
-    with stubbed_launches(hsa, bench.KERNELS) as launches:
-        o, lse = hsa.hsa_forward(q, k, v, 16)
-        hsa.hsa_backward(q, k, v, o, lse, do, 16)
-    assert launches == list(bench.KERNELS)
+    plain = hsa.default_config(128, 16, 16)
+    unrolled = plain._replace(band_bwd=hsa.Launch(64, 4, unrolled=True))
+    for cfg in (plain, unrolled):
+        with stubbed_launches(hsa, bench.ALL_KERNELS) as launches:
+            o, lse = hsa.hsa_forward(q, k, v, 16, cfg)
+            hsa.hsa_backward(q, k, v, o, lse, do, 16, cfg)
+        assert launches == list(hsa.kernel_names(cfg))
+    assert hsa.kernel_names(plain) == bench.KERNELS and hsa.kernel_names(unrolled)[3] == bench.ALL_KERNELS[4]
 
 
 @pytest.mark.gpu
 def test_kernel_rows_on_gpu():
     from kernels import bench_hsa as bench
+    from kernels import hsa_attention as hsa
 
     row = bench.kernel_rows(256, 16, 2, warmup=1, iters=3)
-    assert list(row["kernels"]) == list(bench.KERNELS)
+    assert list(row["kernels"]) == list(hsa.kernel_names(hsa.config_for(256, 16, 64)))
     assert all(r["ms"] > 0 and r["GB_per_s"] > 0 for r in row["kernels"].values())
     assert row["hsa_fwd_ms"] > 0 and row["flash_fwd_bwd_ms"] > 0
