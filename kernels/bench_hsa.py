@@ -236,7 +236,6 @@ def sweep_case(
 
 
 KERNELS = ("_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", "_band_bwd_kernel")
-ALL_KERNELS = (*KERNELS, "_band_bwd_short_kernel")  # the unrolled band backward moves the band backward's bytes
 
 
 def hbm_bytes(T: int, B: int, n_head: int = N_HEAD, head_dim: int = HEAD_DIM, elt: int = 2) -> dict[str, int]:
@@ -249,8 +248,7 @@ def hbm_bytes(T: int, B: int, n_head: int = N_HEAD, head_dim: int = HEAD_DIM, el
     t, s = B * n_head * T * head_dim * elt, B * n_head * T * 4
     per = {"_strided_fwd_kernel": 4 * t + s, "_band_fwd_kernel": 5 * t + 2 * s,
            "_strided_bwd_kernel": 8 * t + 2 * s, "_band_bwd_kernel": 10 * t + 2 * s}  # fmt: skip
-    return per | {"_band_bwd_short_kernel": per["_band_bwd_kernel"], "two_pass": sum(per.values()),
-                  "one_pass": (4 * t + s) + (8 * t + s)}
+    return per | {"two_pass": sum(per.values()), "one_pass": (4 * t + s) + (8 * t + s)}
 
 
 def kernel_rows(T: int, stride: int, B: int, warmup: int, iters: int) -> dict:
@@ -265,8 +263,8 @@ def kernel_rows(T: int, stride: int, B: int, warmup: int, iters: int) -> dict:
     graph_ms = lambda fn: time_call(fn, "graph", warmup, iters)
     nbytes = hbm_bytes(T, B)
     row: dict = {"T": T, "stride": stride, "B": B, "kernels": {}}
-    for name in hsa.kernel_names(hsa.config_for(T, stride, HEAD_DIM)):
-        others = tuple(n for n in ALL_KERNELS if n != name)
+    for name in KERNELS:
+        others = tuple(n for n in KERNELS if n != name)
         with stubbed_launches(hsa, others):
             ms = graph_ms(passes["fwd" if "fwd" in name else "bwd"])
         row["kernels"][name] = {"ms": ms, "bytes": nbytes[name], "GB_per_s": nbytes[name] / ms / 1e6}
@@ -289,7 +287,7 @@ def compiled_kernels() -> dict[str, list[dict]]:
     """What Triton built for each HSA kernel on this device: block sizes, warps, stages, the register cap, and
     the registers, spills and shared memory that bound how many programs share an SM (triton 3.6 internals)."""
     out = {}
-    for name in ALL_KERNELS:
+    for name in KERNELS:
         fn = getattr(hsa, name)
         entries = []
         for kernel in fn.device_caches[torch.cuda.current_device()][0].values():

@@ -260,16 +260,57 @@ def _strided_bwd_kernel(
 
 
 @_jit
+def _band_dq_tile(Q, K, V, q, do, lse, delta, idx, keys, qk_scale, stride_it, L, HEAD_DIM: tl.constexpr,
+                  MASKED: tl.constexpr):  # fmt: skip
+    """dQ (unscaled) of query rows idx from the band pairs with key rows keys; MASKED: keys may be < 0."""
+    d = tl.arange(0, HEAD_DIM)
+    k_ok = keys >= 0
+    if MASKED:
+        kj = tl.load(K + keys[:, None] * stride_it + d[None, :], mask=k_ok[:, None], other=0.0)
+        vj = tl.load(V + keys[:, None] * stride_it + d[None, :], mask=k_ok[:, None], other=0.0)
+    else:
+        kj = tl.load(K + keys[:, None] * stride_it + d[None, :])
+        vj = tl.load(V + keys[:, None] * stride_it + d[None, :])
+    s = tl.dot(q, tl.trans(kj)) * qk_scale
+    if MASKED:
+        p = tl.where((idx[:, None] - keys[None, :] < L) & k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+    else:
+        p = tl.where(idx[:, None] - keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(vj)) - delta[:, None])
+    return tl.dot(ds.to(kj.dtype), kj)
+
+
+@_jit
+def _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, rows, qk_scale, stride_it, stride_gt, T, L,
+                    HEAD_DIM: tl.constexpr):  # fmt: skip
+    """dK, dV (dK unscaled) of key rows idx plus the band pairs with query rows `rows` (past T or the band: 0)."""
+    d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < T
+    qm = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
+    dom = tl.load(DO + rows[:, None] * stride_gt + d[None, :], mask=row_ok[:, None], other=0.0)
+    lse_m = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    delta_m = tl.load(Delta + rows, mask=row_ok, other=0.0)
+    st = tl.dot(k, tl.trans(qm)) * qk_scale
+    pt = tl.where((rows[None, :] - idx[:, None] < L) & row_ok[None, :], tl.exp2(st - lse_m[None, :]), 0.0)
+    dv += tl.dot(pt.to(dom.dtype), dom)
+    dst = pt * (tl.dot(v, tl.trans(dom)) - delta_m[None, :])
+    dk += tl.dot(dst.to(qm.dtype), qm)
+    return dk, dv
+
+
+@_jit
 def _band_bwd_kernel(
     Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
     H, T, L,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, UNROLLED: tl.constexpr,
 ):  # fmt: skip
     """Adds the band pairs' gradients to the strided kernel's dQ, dK, dV of block pid: dQ query-major over the
     earlier key blocks the block sees, dK, dV key-major over the later query blocks that see it, and the diagonal
     tile (query block = key block, in both lists) once for all three, between the loops: dQ is finished and
-    stored before dK, dV start accumulating, so at most two accumulators are live at a time."""
+    stored before dK, dV start accumulating, so at most two accumulators are live at a time. UNROLLED (l - 1 <=
+    BLOCK, Launch.unrolled): each loop has one trip, the block before and the block after, and is written
+    straight, which takes fewer registers (176 against 229 at head dim 64, 4 warps)."""
     bh = tl.num_programs(1) - 1 - tl.program_id(1)  # reverse order, as in the forward pass
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     Q += b * stride_ib + h * stride_ih
@@ -290,16 +331,14 @@ def _band_bwd_kernel(
     lse = tl.load(LSE + idx, mask=ok, other=0.0)
     delta = tl.load(Delta + idx, mask=ok, other=0.0)
 
-    # dQ from the earlier key blocks that i - l < j reaches (all below T: no key mask).
-    dq = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
-    for j0 in range(tl.maximum(start - L + 1, 0) // BLOCK * BLOCK, start, BLOCK):
-        keys = j0 + tl.arange(0, BLOCK)
-        kj = tl.load(K + keys[:, None] * stride_it + d[None, :])
-        vj = tl.load(V + keys[:, None] * stride_it + d[None, :])
-        s = tl.dot(q, tl.trans(kj)) * qk_scale
-        p = tl.where(idx[:, None] - keys[None, :] < L, tl.exp2(s - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(vj)) - delta[:, None])
-        dq += tl.dot(ds.to(kj.dtype), kj)
+    # dQ from the earlier key blocks that i - l < j reaches (below T: no key mask, except before the first block).
+    if UNROLLED:  # the block before
+        dq = _band_dq_tile(Q, K, V, q, do, lse, delta, idx, idx - BLOCK, qk_scale, stride_it, L, HEAD_DIM, True)
+    else:
+        dq = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
+        for j0 in range(tl.maximum(start - L + 1, 0) // BLOCK * BLOCK, start, BLOCK):
+            keys = j0 + tl.arange(0, BLOCK)
+            dq += _band_dq_tile(Q, K, V, q, do, lse, delta, idx, keys, qk_scale, stride_it, L, HEAD_DIM, False)
 
     # The diagonal tile.
     k = tl.load(K + idx[:, None] * stride_it + d[None, :], mask=ok[:, None], other=0.0)
@@ -315,94 +354,18 @@ def _band_bwd_kernel(
     dk = tl.dot(tl.trans(ds), q)
 
     # dK, dV from the later query blocks that j < i < j + l reaches, keys as rows (no tile transposed).
-    for m0 in range(start + BLOCK, tl.minimum(start + BLOCK + L - 1, T), BLOCK):
-        rows = m0 + tl.arange(0, BLOCK)
-        row_ok = rows < T
-        qm = tl.load(Q + rows[:, None] * stride_it + d[None, :], mask=row_ok[:, None], other=0.0)
-        dom = tl.load(DO + rows[:, None] * stride_gt + d[None, :], mask=row_ok[:, None], other=0.0)
-        lse_m = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        delta_m = tl.load(Delta + rows, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(qm)) * qk_scale
-        pt = tl.where((rows[None, :] - idx[:, None] < L) & row_ok[None, :], tl.exp2(st - lse_m[None, :]), 0.0)
-        dv += tl.dot(pt.to(dom.dtype), dom)
-        dst = pt * (tl.dot(v, tl.trans(dom)) - delta_m[None, :])
-        dk += tl.dot(dst.to(qm.dtype), qm)
+    if UNROLLED:  # the block after
+        dk, dv = _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, idx + BLOCK, qk_scale, stride_it, stride_gt,
+                                 T, L, HEAD_DIM)  # fmt: skip
+    else:
+        for m0 in range(start + BLOCK, tl.minimum(start + BLOCK + L - 1, T), BLOCK):
+            dk, dv = _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, m0 + tl.arange(0, BLOCK), qk_scale,
+                                     stride_it, stride_gt, T, L, HEAD_DIM)  # fmt: skip
     dk = dk * sm_scale + tl.load(DK + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
     dv += tl.load(DV + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DK + out_ptr, dk.to(DK.dtype.element_ty), mask=ok[:, None])
     tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
-
-@_jit
-def _band_bwd_short_kernel(
-    Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
-    stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
-    H, T, L,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """_band_bwd_kernel for l - 1 <= BLOCK (Launch.unrolled), where each of its two loops has one trip, the block
-    before and the block after, written straight. Loads stay where they are used: issuing them all before the
-    first dot was slower on the H200 (more registers; results/raw/h200-hsa-band-bwd-short.json)."""
-    bh = tl.num_programs(1) - 1 - tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    Q += b * stride_ib + h * stride_ih
-    K += b * stride_ib + h * stride_ih
-    V += b * stride_ib + h * stride_ih
-    DO += b * stride_gb + h * stride_gh
-    DQ += b * stride_ob + h * stride_oh
-    DK += b * stride_ob + h * stride_oh
-    DV += b * stride_ob + h * stride_oh
-    LSE += bh.to(tl.int64) * T
-    Delta += bh.to(tl.int64) * T
-    d = tl.arange(0, HEAD_DIM)
-    start = tl.program_id(0) * BLOCK
-    idx = start + tl.arange(0, BLOCK)
-    ok = idx < T
-    in_ptr = idx[:, None] * stride_it + d[None, :]
-    out_ptr = idx[:, None] * stride_ot + d[None, :]
-    q = tl.load(Q + in_ptr, mask=ok[:, None], other=0.0)
-    do = tl.load(DO + idx[:, None] * stride_gt + d[None, :], mask=ok[:, None], other=0.0)
-    lse = tl.load(LSE + idx, mask=ok, other=0.0)
-    delta = tl.load(Delta + idx, mask=ok, other=0.0)
-
-    # dQ from the block before: i - l < j reaches no further.
-    prev = idx - BLOCK
-    p_ok = prev >= 0
-    kj = tl.load(K + prev[:, None] * stride_it + d[None, :], mask=p_ok[:, None], other=0.0)
-    vj = tl.load(V + prev[:, None] * stride_it + d[None, :], mask=p_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(kj)) * qk_scale
-    p = tl.where((idx[:, None] - prev[None, :] < L) & p_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-    ds = p * (tl.dot(do, tl.trans(vj)) - delta[:, None])
-    dq = tl.dot(ds.to(kj.dtype), kj)
-
-    # The diagonal tile.
-    k = tl.load(K + in_ptr, mask=ok[:, None], other=0.0)
-    v = tl.load(V + in_ptr, mask=ok[:, None], other=0.0)
-    diff = idx[:, None] - idx[None, :]
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    p = tl.where((diff >= 0) & (diff < L) & ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-    ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(q.dtype)
-    dq = (dq + tl.dot(ds, k)) * sm_scale + tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DQ + out_ptr, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
-    dk = tl.dot(tl.trans(ds), q)
-
-    # dK, dV from the block after (rows past T or past the band: p = 0).
-    nxt = idx + BLOCK
-    n_ok = nxt < T
-    qm = tl.load(Q + nxt[:, None] * stride_it + d[None, :], mask=n_ok[:, None], other=0.0)
-    dom = tl.load(DO + nxt[:, None] * stride_gt + d[None, :], mask=n_ok[:, None], other=0.0)
-    lse_m = tl.load(LSE + nxt, mask=n_ok, other=0.0)
-    delta_m = tl.load(Delta + nxt, mask=n_ok, other=0.0)
-    st = tl.dot(k, tl.trans(qm)) * qk_scale
-    pt = tl.where((nxt[None, :] - idx[:, None] < L) & n_ok[None, :], tl.exp2(st - lse_m[None, :]), 0.0)
-    dv += tl.dot(pt.to(dom.dtype), dom)
-    dst = pt * (tl.dot(v, tl.trans(dom)) - delta_m[None, :])
-    dk += tl.dot(dst.to(qm.dtype), qm)
-    dk = dk * sm_scale + tl.load(DK + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    dv += tl.load(DV + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DK + out_ptr, dk.to(DK.dtype.element_ty), mask=ok[:, None])
-    tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launch. Each kernel's parameters come from TUNED, a table swept per (T, stride, head dim), else default_config.
@@ -418,7 +381,7 @@ class Launch:
     band kernels' loops over key or query blocks; the strided kernels have no loop. maxnreg caps the registers per
     thread (ptxas .maxnreg): more programs per SM to hide the load latency of these short programs, for some
     spilling (e.g. the band backward's 229 registers at 4 warps allow 2 programs per SM, 168 allow 3). unrolled
-    (band backward only, l - 1 <= block): _band_bwd_short_kernel, its one-trip loops written straight."""
+    (band backward only, l - 1 <= block): its two one-trip loops written straight (_band_bwd_kernel's UNROLLED)."""
 
     block: int
     num_warps: int
@@ -536,12 +499,6 @@ def triton_unsupported(q: torch.Tensor, stride: int, mode: str = "sparse", dropo
     return None if why is None else f"T={T}, stride={stride}, head dim {hs}: {why}"
 
 
-def kernel_names(config: HsaConfig) -> tuple[str, str, str, str]:
-    """The kernels a configuration launches, in launch order (strided fwd, band fwd, strided bwd, band bwd)."""
-    band_bwd = "_band_bwd_short_kernel" if config.band_bwd.unrolled else "_band_bwd_kernel"
-    return "_strided_fwd_kernel", "_band_fwd_kernel", "_strided_bwd_kernel", band_bwd
-
-
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -617,8 +574,9 @@ def hsa_backward(
     rs = strided.block // np_
     _strided_bwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
     grid = (-(-T // band.block), B * H)
-    kernel = _band_bwd_short_kernel if band.unrolled else _band_bwd_kernel
-    kernel[grid](*args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, **band.options())
+    _band_bwd_kernel[grid](
+        *args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, UNROLLED=band.unrolled, **band.options()
+    )
     return dq, dk, dv
 
 

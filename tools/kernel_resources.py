@@ -122,8 +122,8 @@ def hsa_resources(T: int = 1024, stride: int = 64, head_dim: int = 64, arch: int
                                 "BLOCK_N": cfg.band_fwd.block_n or cfg.band_fwd.block}, cfg.band_fwd),
         (hsa._strided_bwd_kernel, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_bwd.block // np_},
          cfg.strided_bwd),
-        (hsa._band_bwd_short_kernel if cfg.band_bwd.unrolled else hsa._band_bwd_kernel,
-         {"HEAD_DIM": head_dim, "BLOCK": cfg.band_bwd.block}, cfg.band_bwd),
+        (hsa._band_bwd_kernel, {"HEAD_DIM": head_dim, "BLOCK": cfg.band_bwd.block, "UNROLLED": cfg.band_bwd.unrolled},
+         cfg.band_bwd),
     ]  # fmt: skip
 
     def arg_type(name: str) -> str:  # the kernels' naming: tensors capitalized, lse and delta fp32
