@@ -299,32 +299,11 @@ def _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, rows, qk_scale, stride
 
 
 @_jit
-def _band_bwd_dkdv(Q, DO, DK, DV, LSE, Delta, q, k, v, dv, ds, idx, ok, start, out_ptr, qk_scale, sm_scale,
-                   stride_it, stride_gt, T, L, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                   UNROLLED: tl.constexpr):  # fmt: skip
-    """_band_bwd_kernel's dK, dV: the diagonal tile's share (dv so far, ds) plus the later query blocks, added to
-    the strided kernel's and stored."""
-    dk = tl.dot(tl.trans(ds), q)
-    # dK, dV from the later query blocks that j < i < j + l reaches, keys as rows (no tile transposed).
-    if UNROLLED:  # the block after
-        dk, dv = _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, idx + BLOCK, qk_scale, stride_it, stride_gt,
-                                 T, L, HEAD_DIM)  # fmt: skip
-    else:
-        for m0 in range(start + BLOCK, tl.minimum(start + BLOCK + L - 1, T), BLOCK):
-            dk, dv = _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, m0 + tl.arange(0, BLOCK), qk_scale,
-                                     stride_it, stride_gt, T, L, HEAD_DIM)  # fmt: skip
-    dk = dk * sm_scale + tl.load(DK + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    dv += tl.load(DV + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DK + out_ptr, dk.to(DK.dtype.element_ty), mask=ok[:, None])
-    tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
-
-
-@_jit
 def _band_bwd_kernel(
     Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
     H, T, L,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, UNROLLED: tl.constexpr, PART: tl.constexpr = 0,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, UNROLLED: tl.constexpr,
 ):  # fmt: skip
     """Adds the band pairs' gradients to the strided kernel's dQ, dK, dV of block pid: dQ query-major over the
     earlier key blocks the block sees, dK, dV key-major over the later query blocks that see it, and the diagonal
@@ -353,9 +332,7 @@ def _band_bwd_kernel(
     delta = tl.load(Delta + idx, mask=ok, other=0.0)
 
     # dQ from the earlier key blocks that i - l < j reaches (below T: no key mask, except before the first block).
-    if PART == 2:
-        pass
-    elif UNROLLED:  # the block before
+    if UNROLLED:  # the block before
         dq = _band_dq_tile(Q, K, V, q, do, lse, delta, idx, idx - BLOCK, qk_scale, stride_it, L, HEAD_DIM, True)
     else:
         dq = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
@@ -369,15 +346,25 @@ def _band_bwd_kernel(
     diff = idx[:, None] - idx[None, :]
     s = tl.dot(q, tl.trans(k)) * qk_scale
     p = tl.where((diff >= 0) & (diff < L) & ok[:, None], tl.exp2(s - lse[:, None]), 0.0)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do) if PART != 1 else None
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
     ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(q.dtype)
     out_ptr = idx[:, None] * stride_ot + d[None, :]
-    if PART != 2:
-        dq = (dq + tl.dot(ds, k)) * sm_scale + tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
-        tl.store(DQ + out_ptr, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
-    if PART != 1:
-        _band_bwd_dkdv(Q, DO, DK, DV, LSE, Delta, q, k, v, dv, ds, idx, ok, start, out_ptr, qk_scale, sm_scale,
-                       stride_it, stride_gt, T, L, HEAD_DIM, BLOCK, UNROLLED)  # fmt: skip
+    dq = (dq + tl.dot(ds, k)) * sm_scale + tl.load(DQ + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + out_ptr, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
+    dk = tl.dot(tl.trans(ds), q)
+
+    # dK, dV from the later query blocks that j < i < j + l reaches, keys as rows (no tile transposed).
+    if UNROLLED:  # the block after
+        dk, dv = _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, idx + BLOCK, qk_scale, stride_it, stride_gt,
+                                 T, L, HEAD_DIM)  # fmt: skip
+    else:
+        for m0 in range(start + BLOCK, tl.minimum(start + BLOCK + L - 1, T), BLOCK):
+            dk, dv = _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, m0 + tl.arange(0, BLOCK), qk_scale,
+                                     stride_it, stride_gt, T, L, HEAD_DIM)  # fmt: skip
+    dk = dk * sm_scale + tl.load(DK + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    dv += tl.load(DV + out_ptr, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + out_ptr, dk.to(DK.dtype.element_ty), mask=ok[:, None])
+    tl.store(DV + out_ptr, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,7 +389,6 @@ class Launch:
     block_n: int | None = None
     maxnreg: int | None = None
     unrolled: bool = False
-    split: bool = False
 
     def options(self) -> dict[str, int]:
         """Triton's launch options."""
@@ -588,10 +574,9 @@ def hsa_backward(
     rs = strided.block // np_
     _strided_bwd_kernel[(-(-stride // rs), B * H)](*args, HEAD_DIM=D, NP=np_, RS=rs, **strided.options())
     grid = (-(-T // band.block), B * H)
-    for part in (1, 2) if band.split else (0,):
-        _band_bwd_kernel[grid](
-            *args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, UNROLLED=band.unrolled, PART=part, **band.options()
-        )
+    _band_bwd_kernel[grid](
+        *args[:3], *args[4:], HEAD_DIM=D, BLOCK=band.block, UNROLLED=band.unrolled, **band.options()
+    )
     return dq, dk, dv
 
 
