@@ -412,7 +412,7 @@ TUNED: dict[tuple[int, int, int], HsaConfig] = {
     # T=1024 and 0.197 -> 0.175 ms at T=2048 (graph replays, B*nh = 192 / 96); fwd within 3% of the defaults.
     # Session 23 on an H200: strided_bwd capped at 128 registers, 4 programs per SM instead of 3
     # (results/raw/h200-hsa-caps.json: bwd 0.152 -> 0.148 ms), then the unrolled band backward
-    # (results/raw/h200-hsa-band-bwd-short.json: bwd 0.147 -> 0.137 ms; 0.149 -> 0.139 at T=2048).
+    # (results/raw/h200-hsa-refactor-ab.json: bwd 0.147 -> 0.139 ms; 0.149 -> 0.141 at T=2048).
     (1024, 64, 64): HsaConfig(
         strided_fwd=Launch(block=64, num_warps=4, num_stages=1),
         band_fwd=Launch(block=64, num_warps=4, num_stages=2, block_n=64, maxnreg=128),
