@@ -264,8 +264,8 @@ def _band_dq_tile(Q, K, V, q, do, lse, delta, idx, keys, qk_scale, stride_it, L,
                   MASKED: tl.constexpr):  # fmt: skip
     """dQ (unscaled) of query rows idx from the band pairs with key rows keys; MASKED: keys may be < 0."""
     d = tl.arange(0, HEAD_DIM)
-    k_ok = keys >= 0
     if MASKED:
+        k_ok = keys >= 0
         kj = tl.load(K + keys[:, None] * stride_it + d[None, :], mask=k_ok[:, None], other=0.0)
         vj = tl.load(V + keys[:, None] * stride_it + d[None, :], mask=k_ok[:, None], other=0.0)
     else:
