@@ -1,4 +1,5 @@
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,8 +130,41 @@ def test_config_pruning_respects_the_shared_memory_limit(monkeypatch):
     # The autotuner's hooks read the limit of the operands' device.
     monkeypatch.setattr(bs, "_smem_limit", lambda device: A100_SMEM)
     p = torch.empty(0, dtype=torch.bfloat16)
-    assert _tiles(bs._prune_dw(dw, {"p_ptr": p}, B=128, G=2)) == [(64, 8, 3), (32, 8, 3)]
-    assert _tiles(bs._prune_mm(mm, {"a_ptr": p.float()}, B=128)) == [(128, 64, 8, 3), (128, 64, 4, 3)]
+    assert _tiles(bs._prune_dw(dw, {"dy_ptr": p}, B=128, G=2)) == [(64, 8, 3), (32, 8, 3)]
+    a_desc = SimpleNamespace(base=p.float())  # the kernel's A operand is a TMA descriptor
+    assert _tiles(bs._prune_mm(mm, {"a_desc": a_desc}, B=128)) == [(128, 64, 8, 3), (128, 64, 4, 3)]
+
+
+def test_expected_dw_tasks_count_the_padded_last_task_of_each_list():
+    """The dW split-K is sized for the tasks a mask of that density makes. Hand cases: a full 4×8 grid at b=128
+    (G=2, grouped by row) is 4 rows of 4 tasks, no spread; an empty one a single (padding) task. A random mask's
+    mean is n_lists · E[ceil(c / G)], above n_slots · density (34 against 32 at 25% of 32×8), and matches the
+    masks `build_block_mask_info` actually groups; the high estimate covers what they make."""
+    assert bs.expected_tasks((4, 8), 128, 1.0) == (16, 16)
+    assert bs.expected_tasks((4, 8), 128, 0.0) == (1, 1)
+    # One row of 2 blocks at density 1/2: c ~ Bin(2, 1/2) gives ceil(c/2) = 0, 1, 1 with weights 1/4, 1/2, 1/4.
+    assert bs.expected_tasks((1, 2), 128, 0.5)[0] == round(0.75)
+    gen = torch.Generator().manual_seed(0)
+    for grid, density in [((32, 8), 0.25), ((8, 32), 0.1), ((12, 48), 0.3)]:
+        mean, high = bs.expected_tasks(grid, 128, density)
+        counts = [
+            int((build_block_mask_info(torch.rand(grid, generator=gen) < density, 128).task_ids[:, 0] >= 0).sum())
+            for _ in range(300)
+        ]
+        assert abs(sum(counts) / len(counts) - mean) <= 1.0, (grid, density, mean)
+        assert sum(c <= high for c in counts) >= 0.95 * len(counts)
+    assert bs.expected_tasks((32, 8), 128, 0.25)[0] == 34
+
+
+def test_dw_splits_leave_room_for_more_tasks_than_expected(monkeypatch):
+    """On 132 SMs: 32 tasks take 4 splits (128 programs, one wave). 34 expected, up to 42, take 3: 4 splits fill
+    one wave at 33 tasks and run two at 34 (measured 0.092 against 0.133 ms on an H200), 3 stay in one wave."""
+    monkeypatch.setattr(bs, "_num_sms", lambda device: 132)
+    splits = bs.dw_splits.__wrapped__  # uncached: the patched SM count
+    assert splits(16384, 32, None) == 4
+    assert splits(16384, 34, None, 42) == 3
+    assert splits(16384, 128, None, 128) == 1  # a dense grid's count is exact: one full wave
+    assert splits(2048, 34, None, 42) == 2  # chunks of at least 1024 tokens
 
 
 def test_block_scores_and_expand_hand_case():
@@ -477,12 +511,14 @@ def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch):
         for args, kwargs in launches.calls:
             named = dict(zip(kernel.arg_names, args))
             if name == "mm":
-                need = lambda c, size=named["a_ptr"].element_size(): bs.mm_smem(c, block, size)
-                kept = bs.mm_configs_for(mm, block, named["a_ptr"].element_size(), H100_SMEM)
+                need = lambda c, size=named["a_desc"].base.element_size(): bs.mm_smem(c, block, size)
+                kept = bs.mm_configs_for(mm, block, named["a_desc"].base.element_size(), H100_SMEM)
             else:
-                need = lambda c, size=named["p_ptr"].element_size(): bs.dw_smem(c, block, 2, size)
-                kept = bs.dw_configs_for(dw, block, 2, named["p_ptr"].element_size(), H100_SMEM)
+                need = lambda c, size=named["dy_ptr"].element_size(): bs.dw_smem(c, block, 2, size)
+                kept = bs.dw_configs_for(dw, block, 2, named["dy_ptr"].element_size(), H100_SMEM)
             config = max(kept, key=need)
+            if name == "mm":  # the TMA boxes of that config, as the autotuner's pre-hook sets them
+                bs._set_mm_boxes({**named, **kwargs, **config.all_kwargs()})
             shared = _sm90_shared_bytes(kernel.fn, args, {**kwargs, **config.all_kwargs()})
             assert shared <= need(config) + bs._SMEM_RESERVE <= H100_SMEM, (name, kwargs, str(config), shared)
             n_compiled += 1
