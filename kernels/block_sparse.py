@@ -471,7 +471,7 @@ def _bsr_mm_kernel(
         else:
             blk = p
         a = a_desc.load([pid_m * BM, k * B + kk])
-        if W_T:  # the packed W as (nnz·b, b): block blk is rows blk·b ..
+        if W_T:  # the packed W viewed as (nnz·b, b): block blk is its rows blk·b to blk·b + b
             w = w_desc.load([blk * B, kk]).T
         else:
             w = w_desc.load([blk * B + kk, 0])
