@@ -619,6 +619,8 @@ def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int
         n_j, lists = info.grid[0], (info.row_ptr, info.row_cols, info.row_cols, info.row_order)
     else:
         n_j, lists = info.grid[1], (info.col_ptr, info.col_rows, info.col_ids, info.col_order)
+    if m == 0:  # no rows: a TMA descriptor cannot describe an empty tensor
+        return c + bias.to(a.dtype) if bias is not None else c
     if a.stride(1) != 1 or (a.stride(0) * a.element_size()) % 16 or a.data_ptr() % 16:
         a = a.contiguous()  # what a TMA descriptor needs: rows 16-byte aligned, unit stride along them
     b = info.block

@@ -413,6 +413,11 @@ _INTERPRETER_CHECK = textwrap.dedent(
     torch.testing.assert_close(bs.fwd_triton(x, w, b, info), b.expand(8, 64))
     assert not bs.dx_triton(dy, w, info).any() and not bs.dw_triton(dy, x, info, splits=2).any()
 
+    # No rows (an empty batch): empty outputs, no launch (a TMA descriptor cannot describe an empty tensor).
+    info = bs.build_block_mask_info(torch.ones(2, 3, dtype=torch.bool), 32)
+    assert bs.fwd_triton(torch.randn(0, 96), w, b, info).shape == (0, 64)
+    assert bs.dx_triton(torch.randn(0, 64), w, info).shape == (0, 96)
+
     # A GPT whose linears are block-sparse (MST's swap; `auto` picks Triton here) compiled with fullgraph=True:
     # one graph, the same loss and grads as eager, and new masks run it without a recompile.
     from torch._dynamo.testing import CompileCounterWithBackend
