@@ -237,7 +237,7 @@ def host_cost(
     calls per layer (one profiled step), launches per layer and the number of graphs dynamo compiled."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    kernels = ("_pack_kernel", "_bsr_mm_kernel", "_sddmm_kernel", "_scatter_kernel")
+    kernels = ("_pack_kernel", "_bsr_mm_kernel", "_sddmm_kernel", "_sddmm_tma_kernel", "_scatter_kernel")
     with stubbed_launches(bs, kernels) as launches, mock.patch.object(bs, "_triton_can_run", lambda *devices: True):
         gen = torch.Generator().manual_seed(0)
         layers = torch.nn.Sequential(
@@ -301,7 +301,7 @@ def target_summary(rows: list[dict]) -> list[dict]:
 
 def autotuned_configs() -> dict[str, list[dict[str, str]]]:
     """The config the autotuner chose for each key it saw (which tiles and pipeline depths win on this device)."""
-    kernels = {"fwd/dx": bs._bsr_mm_kernel, "dw": bs._sddmm_kernel}
+    kernels = {"fwd/dx": bs._bsr_mm_kernel, "dw": bs._sddmm_kernel, "dw tma": bs._sddmm_tma_kernel}
     return {name: [{"key": str(k), "config": str(c)} for k, c in kern.cache.items()] for name, kern in kernels.items()}
 
 

@@ -23,11 +23,12 @@ The K loop is flat over (nonzero block, 64-wide chunk), so the pipeliner keeps c
 in flight across block boundaries. At b=128 the 256×128 tile (8 warps) reuses each loaded byte about as well as
 cuBLAS's 128×256; at b ≤ 64 the output tile is only b wide, so those kernels stay L2-bandwidth bound. Both loads
 are TMA copies (tensor descriptors; rows past M read as zeros, never stored). The dW SDDMM groups up to G blocks
-that share a row (or a column, whichever lists are longer) into one tile of dW (b × G·b, or G·b × b), so the
-shared dY (or X) slice is loaded once for G blocks, and splits the token reduction across programs (fp32 atomics)
-when there are too few tasks to fill the GPU's last wave (`expected_tasks`, `dw_splits`): straight into the
-zeroed fp32 dW of fp32 master weights, or into a compact (nnz, b, b) buffer that one pass casts into a 16-bit dW,
-writing the empty blocks' zeros in the same launch.
+that share a row (or a column, whichever lists are longer) into one task, so the shared dY (or X) slice is loaded
+once for G blocks (at b = 128, G = 2, as TMA boxes into two b×b accumulators, `_sddmm_tma_kernel`; at b ≤ 64,
+G = 4 or 8, as one b × G·b tile of pointer loads, `_sddmm_kernel`), and splits the token reduction across
+programs (fp32 atomics) when there are too few tasks to fill the GPU's last wave (`expected_tasks`,
+`dw_splits`): straight into the zeroed fp32 dW of fp32 master weights, or into a compact (nnz, b, b) buffer that
+one pass casts into a 16-bit dW, writing the empty blocks' zeros in the same launch.
 Nothing on the per-call path syncs with the host (all sizes come from the index tensors' shapes), so a fwd+bwd
 can be captured in a CUDA graph. Host work per fwd+bwd: the autograd op, a zero-fill and 4 launches (pack, forward,
 dX, dW; a 16-bit dW reduced over split token chunks adds its cast pass); the backend choice and the dW split
@@ -425,7 +426,7 @@ def _prune_mm(configs, named_args, **kwargs):
 
 
 def _prune_dw(configs, named_args, **kwargs):
-    dy = named_args["dy_ptr"]
+    dy = named_args["dy_ptr"] if "dy_ptr" in named_args else named_args["dy_desc"].base
     b, g = _arg(named_args, kwargs, "B"), _arg(named_args, kwargs, "G")
     return dw_configs_for(configs, b, g, dy.element_size(), _smem_limit(dy.device))
 
@@ -563,6 +564,85 @@ def _sddmm_kernel(
     else:
         out = out_ptr + blk.to(tl.int64) * (B * B) + local
     o_mask = (local >= 0) & (blk >= 0)  # padding slots (id -1) are never written
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=o_mask, sem="relaxed")
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def _set_dw_boxes(nargs: dict) -> None:
+    bk, b = nargs["BK"], nargs["B"]
+    nargs["dy_desc"].block_shape = [bk, b]
+    nargs["x_desc"].block_shape = [bk, b]
+
+
+@triton.autotune(
+    configs=_configs(("BK",), DW_TILES, _set_dw_boxes),
+    key=["M", "B", "G", "N_TASKS_LOG2", "BY_ROW", "FULL", "ATOMIC"],
+    reset_to_zero=["out_ptr"],
+    prune_configs_by={"early_config_prune": _prune_dw},
+)
+@triton.jit
+def _sddmm_tma_kernel(
+    dy_desc, x_desc, out_ptr, fixed_ptr, other_ptr, ids_ptr,
+    M, chunk, n_tasks, N_TASKS_LOG2, stride_or, stride_oc,
+    B: tl.constexpr, G: tl.constexpr, BY_ROW: tl.constexpr, FULL: tl.constexpr, ATOMIC: tl.constexpr,
+    BK: tl.constexpr,
+):  # fmt: skip
+    """`_sddmm_kernel`'s tasks for G = 2 (b = 128) with TMA loads: the task's two blocks are two b×b accumulators,
+    each fed by its own BK×b box of the gathered operand (a box is one contiguous run of columns; the shared slice
+    is one box, loaded once for both dots). No per-thread address math, and rows past M come back
+    as zeros; split chunks are multiples of every BK, so no chunk reads into the next split's rows. On an H200 it
+    is 15–20% faster than the pointer-load kernel at b = 128 (`results/raw/h200-block-sparse-s25.json`). The
+    outputs go through `_dw_tile_out`, one b×b block at a time."""
+    pid = tl.program_id(0)
+    split = pid // n_tasks
+    t = pid % n_tasks
+    fixed = tl.load(fixed_ptr + t)
+    o0 = tl.load(other_ptr + t * G)
+    o1 = tl.load(other_ptr + t * G + 1)
+    acc0 = tl.zeros((B, B), dtype=tl.float32)
+    acc1 = tl.zeros((B, B), dtype=tl.float32)
+    m_start = split * chunk
+    m_end = tl.minimum(m_start + chunk, M)
+    m_end = tl.where(tl.load(ids_ptr + t * G) < 0, m_start, m_end)
+    for m0 in range(m_start, m_end, BK):
+        if BY_ROW:
+            shared = dy_desc.load([m0, fixed * B]).T
+        else:
+            shared = x_desc.load([m0, fixed * B])
+        acc0 = _dw_dot(shared, dy_desc, x_desc, m0, o0 * B, acc0, BY_ROW)
+        acc1 = _dw_dot(shared, dy_desc, x_desc, m0, o1 * B, acc1, BY_ROW)
+    offs = tl.arange(0, B)
+    ids = ids_ptr + t * G
+    _dw_tile_out(out_ptr, acc0, fixed, o0, tl.load(ids), offs, stride_or, stride_oc, B, BY_ROW, FULL, ATOMIC)
+    _dw_tile_out(out_ptr, acc1, fixed, o1, tl.load(ids + 1), offs, stride_or, stride_oc, B, BY_ROW, FULL, ATOMIC)
+
+
+@triton.jit
+def _dw_dot(shared, dy_desc, x_desc, m0, col, acc, BY_ROW: tl.constexpr):
+    """acc += the chunk's dYᵀX for one block: `shared` is its dY slice (by row, transposed) or X slice (by column),
+    the other operand the gathered BK×b box at column `col`."""
+    if BY_ROW:
+        acc = tl.dot(shared, x_desc.load([m0, col]), acc)
+    else:  # a static `if` that returns does not stop Triton from compiling the code after it
+        acc = tl.dot(dy_desc.load([m0, col]).T, shared, acc)
+    return acc
+
+
+@triton.jit
+def _dw_tile_out(out_ptr, acc, fixed, other, blk, offs, stride_or, stride_oc, B: tl.constexpr, BY_ROW: tl.constexpr,
+                 FULL: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
+    """Block (fixed, other) (by row; (other, fixed) by column) of dW from its b×b tile; id -1: padding, not written."""
+    if BY_ROW:
+        r_el, c_el = fixed * B + offs, other * B + offs
+    else:
+        r_el, c_el = other * B + offs, fixed * B + offs
+    if FULL:
+        out = out_ptr + r_el.to(tl.int64)[:, None] * stride_or + c_el.to(tl.int64)[None, :] * stride_oc
+    else:
+        out = out_ptr + blk.to(tl.int64) * (B * B) + offs[:, None] * B + offs[None, :]
+    o_mask = (offs[:, None] >= 0) & (blk >= 0)
     if ATOMIC:
         tl.atomic_add(out, acc, mask=o_mask, sem="relaxed")
     else:
@@ -714,6 +794,19 @@ def dw_triton(
     full = dtype == torch.float32 or not atomic
     # Zeroed for the atomics and for the empty blocks; a memset, far below the GEMM's own traffic.
     dw = torch.zeros(info.shape if full else (info.nnz, b, b), device=dy.device, dtype=dtype if full else torch.float32)
+    if info.group == 2:  # b = 128: TMA boxes, one per block of the task
+        if dy.stride(1) != 1 or (dy.stride(0) * dy.element_size()) % 16 or dy.data_ptr() % 16:
+            dy = dy.contiguous()
+        if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+            x = x.contiguous()
+        dy_desc = TensorDescriptor(dy, list(dy.shape), list(dy.stride()), [16, 16])
+        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [16, 16])
+        _sddmm_tma_kernel[(n_tasks * splits,)](
+            dy_desc, x_desc, dw, info.task_fixed, info.task_other, info.task_ids,
+            m, chunk, n_tasks, n_tasks.bit_length(), dw.stride(0) if full else 0, dw.stride(1) if full else 0,
+            B=b, G=info.group, BY_ROW=info.by_row, FULL=full, ATOMIC=atomic,
+        )  # fmt: skip
+        return dw if full else scatter_blocks(dw, info, dtype)
     _sddmm_kernel[(n_tasks * splits,)](
         dy, x, dw, info.task_fixed, info.task_other, info.task_ids,
         m, chunk, n_tasks, n_tasks.bit_length(), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),

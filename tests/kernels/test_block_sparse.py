@@ -369,7 +369,8 @@ def test_compiled_module_is_one_graph_that_mask_updates_do_not_recompile():
 # interpreter calls int() on 1-element arrays for runtime loop bounds, which numpy >= 2.3 rejects: the shim reads
 # the element instead. Cases: M not a multiple of the 16-row interpreter tile (wrapped rows), dW split-K into the
 # full fp32 dW (atomics), into the compact buffer + cast pass (fp64/bf16 results; tasks by column and by row),
-# and unsplit (direct stores); then the kernels inside a compiled GPT.
+# and unsplit (direct stores), by both dW kernels (TMA at b = 128, pointer loads at b ≤ 64); then the
+# kernels inside a compiled GPT.
 _INTERPRETER_CHECK = textwrap.dedent(
     """
     import tests.triton_interp  # noqa: F401  (interpreter on, numpy shim)
@@ -379,7 +380,8 @@ _INTERPRETER_CHECK = textwrap.dedent(
 
     torch.manual_seed(0)
     for m, out_f, in_f, block, splits in [(40, 64, 96, 32, None), (80, 96, 64, 32, 3), (50, 128, 64, 64, 2),
-                                          (64, 64, 128, 32, 1), (128, 64, 128, 32, 2)]:
+                                          (64, 64, 128, 32, 1), (128, 64, 128, 32, 2), (130, 256, 512, 128, 3),
+                                          (64, 512, 256, 128, None), (100, 192, 320, 64, None)]:
         mask = torch.rand(out_f // block, in_f // block) < 0.6
         mask[0] = False
         mask[1, 0] = True
@@ -494,9 +496,9 @@ def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch):
     and by column; its three dW epilogues; bf16 and fp32 operands), compiled for sm90 with the kept config that
     needs the most shared memory: Triton's count stays within the estimate the pruning used and the H100's limit.
     Until its in-block offsets were fixed, the by-row dW into the compact buffer needed 256 KB whatever the config."""
-    kernels = {"mm": (bs._bsr_mm_kernel, _Launches()), "dw": (bs._sddmm_kernel, _Launches())}
+    kernels = {"mm": (bs._bsr_mm_kernel, _Launches()), "dw": (bs._sddmm_tma_kernel, _Launches())}
     monkeypatch.setattr(bs, "_bsr_mm_kernel", kernels["mm"][1])
-    monkeypatch.setattr(bs, "_sddmm_kernel", kernels["dw"][1])
+    monkeypatch.setattr(bs, "_sddmm_tma_kernel", kernels["dw"][1])
     monkeypatch.setattr(bs, "_scatter_kernel", _Launches())
     block, m = 128, 1024
     for dtype in (torch.bfloat16, torch.float32):
@@ -519,11 +521,11 @@ def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch):
                 need = lambda c, size=named["a_desc"].base.element_size(): bs.mm_smem(c, block, size)
                 kept = bs.mm_configs_for(mm, block, named["a_desc"].base.element_size(), H100_SMEM)
             else:
-                need = lambda c, size=named["dy_ptr"].element_size(): bs.dw_smem(c, block, 2, size)
-                kept = bs.dw_configs_for(dw, block, 2, named["dy_ptr"].element_size(), H100_SMEM)
+                need = lambda c, size=named["dy_desc"].base.element_size(): bs.dw_smem(c, block, 2, size)
+                kept = bs.dw_configs_for(dw, block, 2, named["dy_desc"].base.element_size(), H100_SMEM)
             config = max(kept, key=need)
-            if name == "mm":  # the TMA boxes of that config, as the autotuner's pre-hook sets them
-                bs._set_mm_boxes({**named, **kwargs, **config.all_kwargs()})
+            # the TMA boxes of that config, as the autotuner's pre-hook sets them
+            (bs._set_mm_boxes if name == "mm" else bs._set_dw_boxes)({**named, **kwargs, **config.all_kwargs()})
             shared = _sm90_shared_bytes(kernel.fn, args, {**kwargs, **config.all_kwargs()})
             assert shared <= need(config) + bs._SMEM_RESERVE <= H100_SMEM, (name, kwargs, str(config), shared)
             n_compiled += 1
@@ -592,17 +594,19 @@ def test_triton_fp32_masters_under_autocast_match_reference(block):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block", [32, 64, 128])
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_dw_paths_bf16(splits, dtype):
-    """dW with and without split-K, into fp32 (direct) and bf16 (compact + cast pass), both grouping axes."""
+def test_triton_dw_paths_bf16(block, splits, dtype):
+    """dW with and without split-K, into fp32 (direct) and bf16 (compact + cast pass), both grouping axes, by both
+    dW kernels (TMA: G = 2 at b = 128; pointer loads: G = 4, 8 at b = 64, 32)."""
     torch.manual_seed(3)
     for rows, cols in [(6, 2), (2, 6)]:
         mask = torch.rand(rows, cols) < 0.5
         mask[0, 0] = True
-        info = build_block_mask_info(mask, 64, "cuda")
-        x = torch.randn(3000, cols * 64, device="cuda", dtype=torch.bfloat16)
-        dy = torch.randn(3000, rows * 64, device="cuda", dtype=torch.bfloat16)
+        info = build_block_mask_info(mask, block, "cuda")
+        x = torch.randn(3000, cols * block, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(3000, rows * block, device="cuda", dtype=torch.bfloat16)
         got = bs.dw_triton(dy, x, info, dtype, splits=splits)
         assert got.dtype == dtype
         assert _rel_err(got, bs.dw_ref(dy.float(), x.float(), info)) < 2e-2
