@@ -689,6 +689,14 @@ def pack_blocks(weight: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype) -
     return packed
 
 
+def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where a TMA descriptor could not describe it: it needs a 16-byte aligned base and
+    rows, unit stride along them."""
+    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return t.contiguous()
+    return t
+
+
 def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int, forward: bool) -> torch.Tensor:
     m = a.shape[0]
     if info.nnz == 0:  # nothing to multiply (and an empty index tensor has no pointer to pass)
@@ -701,8 +709,7 @@ def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int
         n_j, lists = info.grid[1], (info.col_ptr, info.col_rows, info.col_ids, info.col_order)
     if m == 0:  # no rows: a TMA descriptor cannot describe an empty tensor
         return c + bias.to(a.dtype) if bias is not None else c
-    if a.stride(1) != 1 or (a.stride(0) * a.element_size()) % 16 or a.data_ptr() % 16:
-        a = a.contiguous()  # what a TMA descriptor needs: rows 16-byte aligned, unit stride along them
+    a = _tma_ready(a)
     b = info.block
     # Boxes are placeholders until the autotuner's config is known (`_set_mm_boxes`).
     a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [16, 16])
@@ -795,10 +802,7 @@ def dw_triton(
     # Zeroed for the atomics and for the empty blocks; a memset, far below the GEMM's own traffic.
     dw = torch.zeros(info.shape if full else (info.nnz, b, b), device=dy.device, dtype=dtype if full else torch.float32)
     if info.group == 2:  # b = 128: TMA boxes, one per block of the task
-        if dy.stride(1) != 1 or (dy.stride(0) * dy.element_size()) % 16 or dy.data_ptr() % 16:
-            dy = dy.contiguous()
-        if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
-            x = x.contiguous()
+        dy, x = _tma_ready(dy), _tma_ready(x)
         dy_desc = TensorDescriptor(dy, list(dy.shape), list(dy.stride()), [16, 16])
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [16, 16])
         _sddmm_tma_kernel[(n_tasks * splits,)](
