@@ -24,8 +24,8 @@ in flight across block boundaries. At b=128 the 256×128 tile (8 warps) reuses e
 cuBLAS's 128×256; at b ≤ 64 the output tile is only b wide, so those kernels stay L2-bandwidth bound. Both loads
 are TMA copies (tensor descriptors; rows past M read as zeros, never stored). The dW SDDMM groups up to G blocks
 that share a row (or a column, whichever lists are longer) into one task, so the shared dY (or X) slice is loaded
-once for G blocks (at b = 128, G = 2, as TMA boxes into two b×b accumulators, `_sddmm_tma_kernel`; at b ≤ 64,
-G = 4 or 8, as one b × G·b tile of pointer loads, `_sddmm_kernel`), and splits the token reduction across
+once for G blocks (at b = 128 and 64, G = 2 and 4, as TMA boxes into G b×b accumulators, `_sddmm_tma_kernel`;
+at b = 32, G = 8, as one b × G·b tile of pointer loads, `_sddmm_kernel`), and splits the token reduction across
 programs (fp32 atomics) when there are too few tasks to fill the GPU's last wave (`expected_tasks`,
 `dw_splits`): straight into the zeroed fp32 dW of fp32 master weights, or into a compact (nnz, b, b) buffer that
 one pass casts into a 16-bit dW, writing the empty blocks' zeros in the same launch.
@@ -344,7 +344,7 @@ MM_TILES = [
 ]  # fmt: skip
 # (BK, warps, stages) for the b × G·b dW tile (128×256 at b=128); 32-wide chunks for fp32 operands, whose 64-wide
 # ones need 288 KB in 3 stages at b=128.
-DW_TILES = [(64, 8, 3), (64, 8, 4), (32, 8, 3), (32, 4, 4)]
+DW_TILES = [(64, 8, 3), (64, 8, 4), (32, 8, 3), (32, 4, 4), (64, 4, 3), (64, 4, 4), (32, 4, 6)]
 
 # A config's pipeline buffers must fit the device's shared memory a program may use (the opt-in maximum Triton
 # launches against: 227 KB on the H100, 163 KB on the A100). Neither kernel needs other shared memory worth
@@ -434,6 +434,9 @@ def _prune_dw(configs, named_args, **kwargs):
 _MM_CONFIGS = _configs(("BM", "BK"), MM_TILES, _set_mm_boxes)
 _DW_CONFIGS = _configs(("BK",), DW_TILES)
 _DW_ALIGN = 64  # split-K chunks are a multiple of every BK
+# The task sizes `_sddmm_tma_kernel` is written for; G = 8 (b = 32) takes the pointer-load kernel: through TMA with
+# G = 4 (DW_TILE 128) it ran 0.66–0.88x of it on an H200 (`results/raw/h200-block-sparse-s27-first.json`).
+TMA_DW_GROUPS = (2, 4)
 
 
 @triton.autotune(
@@ -589,52 +592,58 @@ def _sddmm_tma_kernel(
     B: tl.constexpr, G: tl.constexpr, BY_ROW: tl.constexpr, FULL: tl.constexpr, ATOMIC: tl.constexpr,
     BK: tl.constexpr,
 ):  # fmt: skip
-    """`_sddmm_kernel`'s tasks for G = 2 (b = 128) with TMA loads: the task's two blocks are two b×b accumulators,
-    each fed by its own BK×b box of the gathered operand (a box is one contiguous run of columns; the shared slice
-    is one box, loaded once for both dots). No per-thread address math, and rows past M come back
-    as zeros; split chunks are multiples of every BK, so no chunk reads into the next split's rows. On an H200 it
-    is 15–20% faster than the pointer-load kernel at b = 128 (`results/raw/h200-block-sparse-s25.json`). The
-    outputs go through `_dw_tile_out`, one b×b block at a time."""
+    """`_sddmm_kernel`'s tasks for G = 2 or 4 (b = 128 or 64) with TMA loads: the task's blocks are G b×b
+    accumulators, each fed by its own BK×b box of the gathered operand (a box is one contiguous run of columns; the
+    shared slice is one box, loaded once for all G dots). No per-thread address math, and rows past M come back
+    as zeros; split chunks are multiples of every BK, so no chunk reads into the next split's rows. Each dot is
+    (gathered box)ᵀ @ (shared box), by column dY_otherᵀ X_fixed = dW[other, fixed]; by row X_otherᵀ dY_fixed is
+    dW[fixed, other]ᵀ, transposed once after the loop. The by-row dot as dY_fixedᵀ X_other (no final transpose)
+    was 4–8% slower at b = 64 on an H200 and no faster at b = 128 (`results/raw/h200-block-sparse-s27.json`).
+    Against the pointer-load kernel: 15–20% faster at b = 128 (`h200-block-sparse-s25.json`), 5–13% at b = 64
+    and 75% sparsity. The accumulators are named, not a list (Triton carries no lists through a loop), so G = 4's
+    two extra ones sit under static `if`s. The outputs go through `_dw_tile_out`, one b×b block at a time."""
     pid = tl.program_id(0)
     split = pid // n_tasks
     t = pid % n_tasks
     fixed = tl.load(fixed_ptr + t)
-    o0 = tl.load(other_ptr + t * G)
-    o1 = tl.load(other_ptr + t * G + 1)
+    others = other_ptr + t * G
+    o0, o1 = tl.load(others), tl.load(others + 1)
     acc0 = tl.zeros((B, B), dtype=tl.float32)
     acc1 = tl.zeros((B, B), dtype=tl.float32)
+    if G == 4:
+        o2, o3 = tl.load(others + 2), tl.load(others + 3)
+        acc2 = tl.zeros((B, B), dtype=tl.float32)
+        acc3 = tl.zeros((B, B), dtype=tl.float32)
+    if BY_ROW:
+        gathered, shared = x_desc, dy_desc
+    else:
+        gathered, shared = dy_desc, x_desc
     m_start = split * chunk
     m_end = tl.minimum(m_start + chunk, M)
     m_end = tl.where(tl.load(ids_ptr + t * G) < 0, m_start, m_end)
     for m0 in range(m_start, m_end, BK):
-        if BY_ROW:
-            shared = dy_desc.load([m0, fixed * B]).T
-        else:
-            shared = x_desc.load([m0, fixed * B])
-        acc0 = _dw_dot(shared, dy_desc, x_desc, m0, o0 * B, acc0, BY_ROW)
-        acc1 = _dw_dot(shared, dy_desc, x_desc, m0, o1 * B, acc1, BY_ROW)
+        s = shared.load([m0, fixed * B])
+        acc0 = tl.dot(gathered.load([m0, o0 * B]).T, s, acc0)
+        acc1 = tl.dot(gathered.load([m0, o1 * B]).T, s, acc1)
+        if G == 4:
+            acc2 = tl.dot(gathered.load([m0, o2 * B]).T, s, acc2)
+            acc3 = tl.dot(gathered.load([m0, o3 * B]).T, s, acc3)
     offs = tl.arange(0, B)
     ids = ids_ptr + t * G
     _dw_tile_out(out_ptr, acc0, fixed, o0, tl.load(ids), offs, stride_or, stride_oc, B, BY_ROW, FULL, ATOMIC)
     _dw_tile_out(out_ptr, acc1, fixed, o1, tl.load(ids + 1), offs, stride_or, stride_oc, B, BY_ROW, FULL, ATOMIC)
-
-
-@triton.jit
-def _dw_dot(shared, dy_desc, x_desc, m0, col, acc, BY_ROW: tl.constexpr):
-    """acc += the chunk's dYᵀX for one block: `shared` is its dY slice (by row, transposed) or X slice (by column),
-    the other operand the gathered BK×b box at column `col`."""
-    if BY_ROW:
-        acc = tl.dot(shared, x_desc.load([m0, col]), acc)
-    else:  # a static `if` that returns does not stop Triton from compiling the code after it
-        acc = tl.dot(dy_desc.load([m0, col]).T, shared, acc)
-    return acc
+    if G == 4:
+        _dw_tile_out(out_ptr, acc2, fixed, o2, tl.load(ids + 2), offs, stride_or, stride_oc, B, BY_ROW, FULL, ATOMIC)
+        _dw_tile_out(out_ptr, acc3, fixed, o3, tl.load(ids + 3), offs, stride_or, stride_oc, B, BY_ROW, FULL, ATOMIC)
 
 
 @triton.jit
 def _dw_tile_out(out_ptr, acc, fixed, other, blk, offs, stride_or, stride_oc, B: tl.constexpr, BY_ROW: tl.constexpr,
                  FULL: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
-    """Block (fixed, other) (by row; (other, fixed) by column) of dW from its b×b tile; id -1: padding, not written."""
+    """Block (fixed, other) (by row; (other, fixed) by column) of dW from its b×b tile, by row transposed; id -1:
+    padding, not written."""
     if BY_ROW:
+        acc = tl.trans(acc)
         r_el, c_el = fixed * B + offs, other * B + offs
     else:
         r_el, c_el = other * B + offs, fixed * B + offs
@@ -801,7 +810,7 @@ def dw_triton(
     full = dtype == torch.float32 or not atomic
     # Zeroed for the atomics and for the empty blocks; a memset, far below the GEMM's own traffic.
     dw = torch.zeros(info.shape if full else (info.nnz, b, b), device=dy.device, dtype=dtype if full else torch.float32)
-    if info.group == 2:  # b = 128: TMA boxes, one per block of the task
+    if info.group in TMA_DW_GROUPS:  # TMA boxes, one per block of the task
         dy, x = _tma_ready(dy), _tma_ready(x)
         dy_desc = TensorDescriptor(dy, list(dy.shape), list(dy.stride()), [16, 16])
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [16, 16])

@@ -369,7 +369,7 @@ def test_compiled_module_is_one_graph_that_mask_updates_do_not_recompile():
 # interpreter calls int() on 1-element arrays for runtime loop bounds, which numpy >= 2.3 rejects: the shim reads
 # the element instead. Cases: M not a multiple of the 16-row interpreter tile (wrapped rows), dW split-K into the
 # full fp32 dW (atomics), into the compact buffer + cast pass (fp64/bf16 results; tasks by column and by row),
-# and unsplit (direct stores), by both dW kernels (TMA at b = 128, pointer loads at b ≤ 64); then the
+# and unsplit (direct stores), by both dW kernels (TMA at b = 128 and 64, pointer loads at b = 32); then the
 # kernels inside a compiled GPT.
 _INTERPRETER_CHECK = textwrap.dedent(
     """
@@ -490,22 +490,25 @@ class _Launches:
         return lambda *args, **kwargs: self.calls.append((args, kwargs))
 
 
-@pytest.mark.slow  # ~7 s on 2 CPU cores the first time (Triton caches the compiled kernels)
-def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch):
-    """Every launch of a 4096×1024 / 1024×4096 linear at b=128 (GPT-2 350M's c_proj and c_fc; dW grouped by row
-    and by column; its three dW epilogues; bf16 and fp32 operands), compiled for sm90 with the kept config that
-    needs the most shared memory: Triton's count stays within the estimate the pruning used and the H100's limit.
-    Until its in-block offsets were fixed, the by-row dW into the compact buffer needed 256 KB whatever the config."""
+@pytest.mark.slow  # ~15 s on 2 CPU cores the first time (Triton caches the compiled kernels)
+@pytest.mark.parametrize("block", [64, 128])
+def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch, block):
+    """Every launch of a 4096×1024 / 1024×4096 linear at b=128 and b=64 (GPT-2 350M's c_proj and c_fc; dW grouped
+    by row and by column, G = 2 and 4 blocks a TMA task; its three dW epilogues; bf16 and fp32 operands), compiled
+    for sm90 with the kept config that needs the most shared memory: Triton's count stays within the estimate the
+    pruning used and the H100's limit. Until its in-block offsets were fixed, the by-row dW into the compact buffer
+    needed 256 KB whatever the config."""
     kernels = {"mm": (bs._bsr_mm_kernel, _Launches()), "dw": (bs._sddmm_tma_kernel, _Launches())}
     monkeypatch.setattr(bs, "_bsr_mm_kernel", kernels["mm"][1])
     monkeypatch.setattr(bs, "_sddmm_tma_kernel", kernels["dw"][1])
     monkeypatch.setattr(bs, "_scatter_kernel", _Launches())
-    block, m = 128, 1024
+    m, group = 1024, bs.DW_TILE // block
     for dtype in (torch.bfloat16, torch.float32):
-        for rows, cols in [(8, 32), (32, 8)]:  # dW tasks by row, by column
+        for rows, cols in [(1024 // block, 4096 // block), (4096 // block, 1024 // block)]:  # dW by row, by column
             info = build_block_mask_info(torch.rand(rows, cols) < 0.25, block)
+            assert info.group == group and info.by_row == (rows < cols)
             x, dy = torch.empty(m, cols * block, dtype=dtype), torch.empty(m, rows * block, dtype=dtype)
-            if rows == 8:
+            if rows < cols:
                 packed = torch.empty(info.nnz, block, block, dtype=dtype)
                 bs.fwd_triton(x, None, None, info, packed)
                 bs.dx_triton(dy, None, info, packed)
@@ -521,8 +524,8 @@ def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch):
                 need = lambda c, size=named["a_desc"].base.element_size(): bs.mm_smem(c, block, size)
                 kept = bs.mm_configs_for(mm, block, named["a_desc"].base.element_size(), H100_SMEM)
             else:
-                need = lambda c, size=named["dy_desc"].base.element_size(): bs.dw_smem(c, block, 2, size)
-                kept = bs.dw_configs_for(dw, block, 2, named["dy_desc"].base.element_size(), H100_SMEM)
+                need = lambda c, size=named["dy_desc"].base.element_size(): bs.dw_smem(c, block, group, size)
+                kept = bs.dw_configs_for(dw, block, group, named["dy_desc"].base.element_size(), H100_SMEM)
             config = max(kept, key=need)
             # the TMA boxes of that config, as the autotuner's pre-hook sets them
             (bs._set_mm_boxes if name == "mm" else bs._set_dw_boxes)({**named, **kwargs, **config.all_kwargs()})
@@ -599,7 +602,7 @@ def test_triton_fp32_masters_under_autocast_match_reference(block):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_dw_paths_bf16(block, splits, dtype):
     """dW with and without split-K, into fp32 (direct) and bf16 (compact + cast pass), both grouping axes, by both
-    dW kernels (TMA: G = 2 at b = 128; pointer loads: G = 4, 8 at b = 64, 32)."""
+    dW kernels (TMA: G = 2, 4 at b = 128, 64; pointer loads: G = 8 at b = 32)."""
     torch.manual_seed(3)
     for rows, cols in [(6, 2), (2, 6)]:
         mask = torch.rand(rows, cols) < 0.5
