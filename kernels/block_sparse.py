@@ -343,7 +343,8 @@ MM_TILES = [
     (128, 32, 4, 5), (64, 32, 4, 3),
 ]  # fmt: skip
 # (BK, warps, stages) for the b × G·b dW tile (128×256 at b=128); 32-wide chunks for fp32 operands, whose 64-wide
-# ones need 288 KB in 3 stages at b=128.
+# ones need 288 KB in 3 stages at b=128. The 4-warp 64-wide ones are what the b=64 TMA kernel picks on an H200 (one
+# warpgroup a 64-row dot); before they were listed it ran 32-wide chunks (`raw/h200-block-sparse-s27-first.json`).
 DW_TILES = [(64, 8, 3), (64, 8, 4), (32, 8, 3), (32, 4, 4), (64, 4, 3), (64, 4, 4), (32, 4, 6)]
 
 # A config's pipeline buffers must fit the device's shared memory a program may use (the opt-in maximum Triton
