@@ -599,7 +599,7 @@ def _sddmm_tma_kernel(
     as zeros; split chunks are multiples of every BK, so no chunk reads into the next split's rows. Each dot is
     (gathered box)ᵀ @ (shared box), by column dY_otherᵀ X_fixed = dW[other, fixed]; by row X_otherᵀ dY_fixed is
     dW[fixed, other]ᵀ, transposed once after the loop. The by-row dot as dY_fixedᵀ X_other (no final transpose)
-    was 4–8% slower at b = 64 on an H200 and no faster at b = 128 (`results/raw/h200-block-sparse-s27.json`).
+    was 3–7% slower at b = 64 on an H200 and no faster at b = 128 (`results/raw/h200-block-sparse-s27.json`).
     Against the pointer-load kernel: 15–20% faster at b = 128 (`h200-block-sparse-s25.json`), 5–13% at b = 64
     and 75% sparsity. The accumulators are named, not a list (Triton carries no lists through a loop), so G = 4's
     two extra ones sit under static `if`s. The outputs go through `_dw_tile_out`, one b×b block at a time."""
