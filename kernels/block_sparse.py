@@ -699,12 +699,13 @@ def pack_blocks(weight: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype) -
     return packed
 
 
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """t, or a contiguous copy where a TMA descriptor could not describe it: it needs a 16-byte aligned base and
-    rows, unit stride along them."""
+def _descriptor(t: torch.Tensor) -> TensorDescriptor:
+    """A TMA descriptor of the 2-D t, or of a contiguous copy where t's layout cannot be described (TMA needs a
+    16-byte aligned base and rows, unit stride along them). Its box is a placeholder until the autotuner's config
+    is known (the kernels' pre-hooks set it)."""
     if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-        return t.contiguous()
-    return t
+        t = t.contiguous()
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
 
 
 def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int, forward: bool) -> torch.Tensor:
@@ -719,11 +720,9 @@ def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int
         n_j, lists = info.grid[1], (info.col_ptr, info.col_rows, info.col_ids, info.col_order)
     if m == 0:  # no rows: a TMA descriptor cannot describe an empty tensor
         return c + bias.to(a.dtype) if bias is not None else c
-    a = _tma_ready(a)
     b = info.block
-    # Boxes are placeholders until the autotuner's config is known (`_set_mm_boxes`).
-    a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [16, 16])
-    w_desc = TensorDescriptor(packed, [packed.shape[0] * b, b], [b, 1], [16, 16])  # (nnz·b, b)
+    a_desc = _descriptor(a)
+    w_desc = _descriptor(packed.view(-1, b))  # (nnz·b, b)
     grid = lambda meta: (_cdiv(m, meta["BM"]) * n_j,)
     _bsr_mm_kernel[grid](
         a_desc, w_desc, c, bias if bias is not None else c, *lists,
@@ -812,21 +811,18 @@ def dw_triton(
     # Zeroed for the atomics and for the empty blocks; a memset, far below the GEMM's own traffic.
     dw = torch.zeros(info.shape if full else (info.nnz, b, b), device=dy.device, dtype=dtype if full else torch.float32)
     if info.group in TMA_DW_GROUPS:  # TMA boxes, one per block of the task
-        dy, x = _tma_ready(dy), _tma_ready(x)
-        dy_desc = TensorDescriptor(dy, list(dy.shape), list(dy.stride()), [16, 16])
-        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [16, 16])
         _sddmm_tma_kernel[(n_tasks * splits,)](
-            dy_desc, x_desc, dw, info.task_fixed, info.task_other, info.task_ids,
+            _descriptor(dy), _descriptor(x), dw, info.task_fixed, info.task_other, info.task_ids,
             m, chunk, n_tasks, n_tasks.bit_length(), dw.stride(0) if full else 0, dw.stride(1) if full else 0,
             B=b, G=info.group, BY_ROW=info.by_row, FULL=full, ATOMIC=atomic,
         )  # fmt: skip
-        return dw if full else scatter_blocks(dw, info, dtype)
-    _sddmm_kernel[(n_tasks * splits,)](
-        dy, x, dw, info.task_fixed, info.task_other, info.task_ids,
-        m, chunk, n_tasks, n_tasks.bit_length(), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-        dw.stride(0) if full else 0, dw.stride(1) if full else 0,
-        B=b, G=info.group, BY_ROW=info.by_row, FULL=full, ATOMIC=atomic, EVEN=m % chunk == 0,
-    )  # fmt: skip
+    else:
+        _sddmm_kernel[(n_tasks * splits,)](
+            dy, x, dw, info.task_fixed, info.task_other, info.task_ids,
+            m, chunk, n_tasks, n_tasks.bit_length(), dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+            dw.stride(0) if full else 0, dw.stride(1) if full else 0,
+            B=b, G=info.group, BY_ROW=info.by_row, FULL=full, ATOMIC=atomic, EVEN=m % chunk == 0,
+        )  # fmt: skip
     return dw if full else scatter_blocks(dw, info, dtype)
 
 
