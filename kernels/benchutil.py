@@ -53,6 +53,23 @@ def capture(fn: Callable[[], object], warmup: int = 3) -> tuple[torch.cuda.CUDAG
     return graph, out
 
 
+def graph_ms(fn: Callable[[], object], reps: int = 50, rounds: int = 3) -> float:
+    """Milliseconds a replay of fn captured in a CUDA graph (`capture`): `rounds` runs of `reps` back-to-back
+    replays between one CUDA event pair each, the fastest run's mean (the one-off A/B scripts in results/raw)."""
+    graph, _ = capture(fn)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    runs = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        runs.append(start.elapsed_time(end) / reps)
+    return min(runs)
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|, in fp32."""
     want = want.float()

@@ -9,23 +9,7 @@ import torch
 
 from kernels import block_sparse as bs
 from kernels.bench_block_sparse import inputs, random_block_mask
-from kernels.benchutil import capture
-
-
-def gtime(fn, reps=50):
-    g, out = capture(fn)
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = []
-    for _ in range(3):
-        s.record()
-        for _ in range(reps):
-            g.replay()
-        e.record()
-        e.synchronize()
-        best.append(s.elapsed_time(e) / reps)
-    return min(best)
-
+from kernels.benchutil import graph_ms
 
 M = 16384
 res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": M, "rows": []}
@@ -40,7 +24,7 @@ for in_f, out_f in [(1024, 4096), (4096, 1024)]:
             mean, high = bs.expected_tasks(info.grid, 128, info.density())
             auto = bs.dw_splits(M, mean, x.device, high)
             t = {
-                s: gtime(lambda: bs.dw_triton(dy, x, info, torch.bfloat16, splits=s))
+                s: graph_ms(lambda: bs.dw_triton(dy, x, info, torch.bfloat16, splits=s))
                 for s in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15)
             }
             row = {

@@ -17,22 +17,7 @@ import torch.nn.functional as F
 
 from kernels import block_sparse as bs
 from kernels.bench_block_sparse import random_block_mask
-from kernels.benchutil import capture, rel_err
-
-
-def gtime(fn, reps=50):
-    g, _ = capture(fn)
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = []
-    for _ in range(3):
-        s.record()
-        for _ in range(reps):
-            g.replay()
-        e.record()
-        e.synchronize()
-        best.append(s.elapsed_time(e) / reps)
-    return min(best)
+from kernels.benchutil import graph_ms, rel_err
 
 
 def safe(fn):
@@ -95,22 +80,26 @@ for in_f, out_f, block, sp in cases:
     }
     del want
     ms = {
-        "dense_fwd": gtime(lambda: F.linear(x, w)),
-        "dense_dx": gtime(lambda: dy @ w),
-        "dense_dw": gtime(lambda: dy.t() @ x),
-        "pack": gtime(lambda: bs.pack_blocks(w, info, torch.bfloat16)),
-        "grid_fwd": gtime(lambda: bs.fwd_triton(x, None, None, info, packed)),
-        "grid_dx": gtime(lambda: bs.dx_triton(dy, None, info, packed)),
-        "dw_split_bf16": gtime(
+        "dense_fwd": graph_ms(lambda: F.linear(x, w)),
+        "dense_dx": graph_ms(lambda: dy @ w),
+        "dense_dw": graph_ms(lambda: dy.t() @ x),
+        "pack": graph_ms(lambda: bs.pack_blocks(w, info, torch.bfloat16)),
+        "grid_fwd": graph_ms(lambda: bs.fwd_triton(x, None, None, info, packed)),
+        "grid_dx": graph_ms(lambda: bs.dx_triton(dy, None, info, packed)),
+        "dw_split_bf16": graph_ms(
             lambda: bs.dw_triton(dy, x, info, torch.bfloat16, schedule="split", density=info.density())
         ),
-        "dw_split_fp32": gtime(
+        "dw_split_fp32": graph_ms(
             lambda: bs.dw_triton(dy, x, info, torch.float32, schedule="split", density=info.density())
         ),
-        "dw_tma_bf16": gtime(lambda: bs.dw_triton(dy, x, info, torch.bfloat16, schedule="tma", density=info.density())),
-        "dw_tma_fp32": gtime(lambda: bs.dw_triton(dy, x, info, torch.float32, schedule="tma", density=info.density())),
-        "dw_stream_bf16": gtime(lambda: bs.dw_triton(dy, x, info, torch.bfloat16, schedule="stream")),
-        "dw_stream_fp32": gtime(lambda: bs.dw_triton(dy, x, info, torch.float32, schedule="stream")),
+        "dw_tma_bf16": graph_ms(
+            lambda: bs.dw_triton(dy, x, info, torch.bfloat16, schedule="tma", density=info.density())
+        ),
+        "dw_tma_fp32": graph_ms(
+            lambda: bs.dw_triton(dy, x, info, torch.float32, schedule="tma", density=info.density())
+        ),
+        "dw_stream_bf16": graph_ms(lambda: bs.dw_triton(dy, x, info, torch.bfloat16, schedule="stream")),
+        "dw_stream_fp32": graph_ms(lambda: bs.dw_triton(dy, x, info, torch.float32, schedule="stream")),
     }
     configs = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3)] + (
         [(256, 64, 8, 3)] if block == 128 else [(64, 64, 4, 4)]
@@ -120,10 +109,10 @@ for in_f, out_f, block, sp in cases:
         for per_sm in (1, 2, 3):
             key = f"{bm}/{bk}/w{nw}/s{st}/x{per_sm}"
             pers["fwd " + key] = safe(
-                lambda: gtime(lambda: bs.mm_persistent(x, packed, None, info, True, tab_f, bm, bk, nw, st, per_sm))
+                lambda: graph_ms(lambda: bs.mm_persistent(x, packed, None, info, True, tab_f, bm, bk, nw, st, per_sm))
             )
             pers["dx " + key] = safe(
-                lambda: gtime(lambda: bs.mm_persistent(dy, packed, None, info, False, tab_d, bm, bk, nw, st, per_sm))
+                lambda: graph_ms(lambda: bs.mm_persistent(dy, packed, None, info, False, tab_d, bm, bk, nw, st, per_sm))
             )
     row["ms"], row["persistent_ms"] = ms, pers
     num = lambda v: v if isinstance(v, float) else 1e9

@@ -24,22 +24,7 @@ import torch
 
 from kernels import block_sparse as bs
 from kernels.bench_block_sparse import random_block_mask
-from kernels.benchutil import capture, rel_err
-
-
-def gtime(fn, reps=50):
-    g, _ = capture(fn)
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = []
-    for _ in range(3):
-        s.record()
-        for _ in range(reps):
-            g.replay()
-        e.record()
-        e.synchronize()
-        best.append(s.elapsed_time(e) / reps)
-    return min(best)
+from kernels.benchutil import graph_ms, rel_err
 
 
 def variant(groups, tile, swap):
@@ -79,8 +64,8 @@ for in_f, out_f, block, sp in cases:
             key = f"{name}_{str(out).split('.')[-1]}"
             fn = lambda: bs.dw_triton(dy, x, info, out, density=info.density())
             row["err"][key] = rel_err(fn(), want)
-            row["ms"][key] = gtime(fn)
-    row["ms"]["dense_dw"] = gtime(lambda: dy.t() @ x)
+            row["ms"][key] = graph_ms(fn)
+    row["ms"]["dense_dw"] = graph_ms(lambda: dy.t() @ x)
     row["speedup_tma_over_pointer"] = {
         f"{v}_{o}": row["ms"][f"pointer_{o}"] / row["ms"][f"{v}_{o}"]
         for v in ("tma", "tma_swap")
