@@ -491,18 +491,21 @@ class _Launches:
 
 
 @pytest.mark.slow  # ~15 s on 2 CPU cores the first time (Triton caches the compiled kernels)
-@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("block", [32, 64, 128])
 def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch, block):
-    """Every launch of a 4096×1024 / 1024×4096 linear at b=128 and b=64 (GPT-2 350M's c_proj and c_fc; dW grouped
-    by row and by column, G = 2 and 4 blocks a TMA task; its three dW epilogues; bf16 and fp32 operands), compiled
+    """Every launch of a 4096×1024 / 1024×4096 linear at b=128, 64 and 32 (GPT-2 350M's c_proj and c_fc; dW grouped
+    by row and by column, G = 2 and 4 blocks a TMA task, 8 a pointer-load one; its three dW epilogues; bf16 and
+    fp32 operands), compiled
     for sm90 with the kept config that needs the most shared memory: Triton's count stays within the estimate the
     pruning used and the H100's limit. Until its in-block offsets were fixed, the by-row dW into the compact buffer
     needed 256 KB whatever the config."""
-    kernels = {"mm": (bs._bsr_mm_kernel, _Launches()), "dw": (bs._sddmm_tma_kernel, _Launches())}
-    monkeypatch.setattr(bs, "_bsr_mm_kernel", kernels["mm"][1])
-    monkeypatch.setattr(bs, "_sddmm_tma_kernel", kernels["dw"][1])
-    monkeypatch.setattr(bs, "_scatter_kernel", _Launches())
     m, group = 1024, bs.DW_TILE // block
+    tma = group in bs.TMA_DW_GROUPS
+    dw_name = "_sddmm_tma_kernel" if tma else "_sddmm_kernel"
+    kernels = {"mm": (bs._bsr_mm_kernel, _Launches()), "dw": (getattr(bs, dw_name), _Launches())}
+    monkeypatch.setattr(bs, "_bsr_mm_kernel", kernels["mm"][1])
+    monkeypatch.setattr(bs, dw_name, kernels["dw"][1])
+    monkeypatch.setattr(bs, "_scatter_kernel", _Launches())
     for dtype in (torch.bfloat16, torch.float32):
         for rows, cols in [(1024 // block, 4096 // block), (4096 // block, 1024 // block)]:  # dW by row, by column
             info = build_block_mask_info(torch.rand(rows, cols) < 0.25, block)
@@ -524,11 +527,13 @@ def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch, block):
                 need = lambda c, size=named["a_desc"].base.element_size(): bs.mm_smem(c, block, size)
                 kept = bs.mm_configs_for(mm, block, named["a_desc"].base.element_size(), H100_SMEM)
             else:
-                need = lambda c, size=named["dy_desc"].base.element_size(): bs.dw_smem(c, block, group, size)
-                kept = bs.dw_configs_for(dw, block, group, named["dy_desc"].base.element_size(), H100_SMEM)
+                size = (named["dy_desc"].base if tma else named["dy_ptr"]).element_size()
+                need = lambda c, size=size: bs.dw_smem(c, block, group, size)
+                kept = bs.dw_configs_for(dw, block, group, size, H100_SMEM)
             config = max(kept, key=need)
             # the TMA boxes of that config, as the autotuner's pre-hook sets them
-            (bs._set_mm_boxes if name == "mm" else bs._set_dw_boxes)({**named, **kwargs, **config.all_kwargs()})
+            if name == "mm" or tma:
+                (bs._set_mm_boxes if name == "mm" else bs._set_dw_boxes)({**named, **kwargs, **config.all_kwargs()})
             shared = _sm90_shared_bytes(kernel.fn, args, {**kwargs, **config.all_kwargs()})
             assert shared <= need(config) + bs._SMEM_RESERVE <= H100_SMEM, (name, kwargs, str(config), shared)
             n_compiled += 1
