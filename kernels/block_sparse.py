@@ -434,6 +434,7 @@ def _prune_dw(configs, named_args, **kwargs):
 
 _MM_CONFIGS = _configs(("BM", "BK"), MM_TILES, _set_mm_boxes)
 _DW_CONFIGS = _configs(("BK",), DW_TILES)
+MM_TAIL_WAVES = 2  # `_bsr_mm_kernel`'s list-major tail, in programs per multiprocessor
 _DW_ALIGN = 64  # split-K chunks are a multiple of every BK
 # The task sizes `_sddmm_tma_kernel` is written for; G = 8 (b = 32) takes the pointer-load kernel: through TMA with
 # G = 4 (DW_TILE 128) it ran 0.66–0.88x of it on an H200 (`results/raw/h200-block-sparse-s27-first.json`).
@@ -446,7 +447,7 @@ TMA_DW_GROUPS = (2, 4)
 @triton.jit
 def _bsr_mm_kernel(
     a_desc, w_desc, c_ptr, bias_ptr, ptr_ptr, idx_ptr, ids_ptr, order_ptr,
-    M, NJ, NNZ_LOG2, stride_cm, stride_cn,
+    M, NJ, NNZ_LOG2, TAIL, stride_cm, stride_cn,
     W_T: tl.constexpr, IDS: tl.constexpr, HAS_BIAS: tl.constexpr, B: tl.constexpr, BM: tl.constexpr,
     BK: tl.constexpr,
 ):  # fmt: skip
@@ -458,10 +459,23 @@ def _bsr_mm_kernel(
     descriptors, boxes set per config by `_set_mm_boxes`): a data-dependent block offset is just a coordinate,
     with no per-thread address math or pointer registers, and rows past M come back as zeros. On an H200 that
     made the forward and dX 8–18% faster than the same loop over pointer loads.
+
+    Launch order: token tile by token tile, its NJ programs together (its A rows are read from HBM about once),
+    longest list first; but the last ~TAIL programs go list by list, longest first, across the last token tiles.
+    Programs are dispatched in order as multiprocessors free up, so only the end is unbalanced: token-tile order
+    ends on a wave that mixes long and short lists, and the multiprocessors that drew short ones wait. On an H200
+    the list-major tail (2 programs a multiprocessor) made the forward and dX 0–7% faster, most at 90% sparsity
+    and on short lists (`results/raw/h200-block-sparse-s28.json`).
     """
     pid = tl.program_id(0)
-    pid_m = pid // NJ  # the NJ programs of one token tile run together: its A rows are read from HBM once
-    j = tl.load(order_ptr + pid % NJ)
+    n_m = tl.cdiv(M, BM)
+    n_tail = tl.minimum(n_m, tl.cdiv(TAIL, NJ))  # token tiles launched list-major
+    head = (n_m - n_tail) * NJ
+    q = tl.maximum(pid - head, 0)
+    n_q = tl.maximum(n_tail, 1)
+    pid_m = tl.where(pid < head, pid // NJ, n_m - n_tail + q % n_q)
+    jj = tl.where(pid < head, pid % NJ, q // n_q)
+    j = tl.load(order_ptr + jj)
     start = tl.load(ptr_ptr + j)
     end = tl.load(ptr_ptr + j + 1)
     S: tl.constexpr = B // BK
@@ -726,7 +740,7 @@ def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int
     grid = lambda meta: (_cdiv(m, meta["BM"]) * n_j,)
     _bsr_mm_kernel[grid](
         a_desc, w_desc, c, bias if bias is not None else c, *lists,
-        m, n_j, info.nnz.bit_length(), c.stride(0), c.stride(1),
+        m, n_j, info.nnz.bit_length(), MM_TAIL_WAVES * _num_sms(a.device), c.stride(0), c.stride(1),
         W_T=forward, IDS=not forward, HAS_BIAS=bias is not None, B=b,
     )  # fmt: skip
     return c
