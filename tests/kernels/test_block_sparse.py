@@ -409,6 +409,17 @@ _INTERPRETER_CHECK = textwrap.dedent(
         assert dw16.dtype == torch.bfloat16
         torch.testing.assert_close(dw16, want_dw.to(torch.bfloat16))
 
+    # The forward/dX launch order at every tail length: none (token tile by token tile throughout), part of the
+    # grid (the loop above: 2 programs a "multiprocessor", 4 in the interpreter), and all of it.
+    info = bs.build_block_mask_info(torch.rand(5, 3) < 0.6, 32)
+    x, w, dy = torch.randn(70, 96), torch.randn(160, 96), torch.randn(70, 160)
+    default = bs.MM_TAIL_WAVES
+    for waves in (0, 1, 100):
+        bs.MM_TAIL_WAVES = waves
+        torch.testing.assert_close(bs.fwd_triton(x, w, None, info), bs.fwd_ref(x, w, None, info), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(bs.dx_triton(dy, w, info), bs.dx_ref(dy, w, info), rtol=1e-4, atol=1e-4)
+    bs.MM_TAIL_WAVES = default
+
     # An empty mask: lists of padding only; y is the bias, dX and dW are zero.
     info = bs.build_block_mask_info(torch.zeros(2, 3, dtype=torch.bool), 32)
     x, w, b, dy = torch.randn(8, 96), torch.randn(64, 96), torch.randn(64), torch.randn(8, 64)
