@@ -471,7 +471,7 @@ def _bsr_mm_kernel(
     n_m = tl.cdiv(M, BM)
     n_tail = tl.minimum(n_m, tl.cdiv(TAIL, NJ))  # token tiles launched list-major
     head = (n_m - n_tail) * NJ
-    q = tl.maximum(pid - head, 0)
+    q = tl.maximum(pid - head, 0)  # both sides of each select are computed: keep the unused one well defined
     n_q = tl.maximum(n_tail, 1)
     pid_m = tl.where(pid < head, pid // NJ, n_m - n_tail + q % n_q)
     jj = tl.where(pid < head, pid % NJ, q // n_q)
