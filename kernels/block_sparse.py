@@ -366,18 +366,23 @@ def _configs(names: tuple[str, ...], sizes: list[tuple[int, ...]], pre_hook=None
 
 def _set_mm_boxes(nargs: dict) -> None:
     """`_bsr_mm_kernel`'s pre-hook: its descriptors' boxes are the config's tiles (A: BM×BK; W: b×BK, read
-    transposed, in the forward, BK×b in dX)."""
+    transposed, in the forward, BK×b in dX; the output C: BM×b)."""
     bm, bk, b = nargs["BM"], nargs["BK"], nargs["B"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [b, bk] if nargs["W_T"] else [bk, b]
+    nargs["c_desc"].block_shape = [bm, b]
 
 
 def mm_smem(config: triton.Config, block: int, elem_bytes: int) -> int:
-    """Shared memory of `_bsr_mm_kernel` under `config`: the A (BM×BK) and W (BK×b) chunks in flight. The index
-    load that feeds their addresses takes a pipeline stage of its own, so num_stages s keeps max(2, (s+1) // 2)
-    chunks in flight (Triton 3.6: s = 3 and 4 compile to the same kernel, s = 5 holds 3 chunks)."""
+    """Shared memory of `_bsr_mm_kernel` under `config`: the A (BM×BK) and W (BK×b) chunks in flight, and the
+    BM×b output tile its TMA store leaves from. The index load that feeds the chunks' addresses takes a pipeline
+    stage of its own, so num_stages s keeps max(2, (s+1) // 2) chunks in flight (Triton 3.6: s = 3 and 4 compile
+    to the same kernel, s = 5 holds 3 chunks). Triton 3.6 puts a 16-bit output tile in the pipeline's buffers,
+    dead by then, but gives an fp32 one its own."""
     chunks = max(2, (config.num_stages + 1) // 2)
-    return chunks * (config.kwargs["BM"] + block) * config.kwargs["BK"] * elem_bytes
+    pipeline = chunks * (config.kwargs["BM"] + block) * config.kwargs["BK"] * elem_bytes
+    out = config.kwargs["BM"] * block * elem_bytes
+    return pipeline + out if elem_bytes == 4 else max(pipeline, out)
 
 
 def dw_smem(config: triton.Config, block: int, group: int, elem_bytes: int) -> int:
@@ -398,7 +403,8 @@ def mm_configs_for(configs: list[triton.Config], block: int, elem_bytes: int, li
     shaped = [
         c
         for c in configs
-        if (c.kwargs["BK"] == 64 if block == 128 else c.kwargs["BK"] <= block)  # b=128: 64-wide chunks, 2 a block
+        # b=128, 16-bit: 64-wide chunks, 2 a block; fp32 ones may need 32-wide to fit beside the fp32 output tile
+        if (c.kwargs["BK"] == 64 if block == 128 and elem_bytes == 2 else c.kwargs["BK"] <= block)
         and c.kwargs["BM"] * block <= 128 * 32 * c.num_warps  # fp32 accumulator: at most 128 registers a thread
     ]
     return _fitting(shaped, lambda c: mm_smem(c, block, elem_bytes), limit)
@@ -442,12 +448,13 @@ TMA_DW_GROUPS = (2, 4)
 
 
 @triton.autotune(
-    configs=_MM_CONFIGS, key=["M", "NJ", "B", "W_T", "NNZ_LOG2"], prune_configs_by={"early_config_prune": _prune_mm}
+    configs=_MM_CONFIGS,
+    key=["M", "NJ", "B", "W_T", "NNZ_LOG2"],
+    prune_configs_by={"early_config_prune": _prune_mm},
 )
 @triton.jit
 def _bsr_mm_kernel(
-    a_desc, w_desc, c_ptr, bias_ptr, ptr_ptr, idx_ptr, ids_ptr, order_ptr,
-    M, NJ, NNZ_LOG2, TAIL, stride_cm, stride_cn,
+    a_desc, w_desc, c_desc, bias_ptr, ptr_ptr, idx_ptr, ids_ptr, order_ptr, M, NJ, NNZ_LOG2, TAIL,
     W_T: tl.constexpr, IDS: tl.constexpr, HAS_BIAS: tl.constexpr, B: tl.constexpr, BM: tl.constexpr,
     BK: tl.constexpr,
 ):  # fmt: skip
@@ -458,7 +465,9 @@ def _bsr_mm_kernel(
     loads (and the index load feeding them, a stage ahead) in flight. Both loads are TMA copies (tensor
     descriptors, boxes set per config by `_set_mm_boxes`): a data-dependent block offset is just a coordinate,
     with no per-thread address math or pointer registers, and rows past M come back as zeros. On an H200 that
-    made the forward and dX 8–18% faster than the same loop over pointer loads.
+    made the forward and dX 8–18% faster than the same loop over pointer loads. The output tile leaves through a
+    TMA store too (rows past M clipped): 1–7% faster than a pointer store per kernel, 2–3.5% per fwd+bwd
+    (`results/raw/h200-block-sparse-s29.json`).
 
     Launch order: token tile by token tile, its NJ programs together (its A rows are read from HBM about once),
     longest list first; but the last ~TAIL programs go list by list, longest first, across the last token tiles.
@@ -479,7 +488,6 @@ def _bsr_mm_kernel(
     start = tl.load(ptr_ptr + j)
     end = tl.load(ptr_ptr + j + 1)
     S: tl.constexpr = B // BK
-    offs_n = tl.arange(0, B)
     acc = tl.zeros((BM, B), dtype=tl.float32)
     for t in range(start * S, end * S):
         p = t // S
@@ -496,10 +504,8 @@ def _bsr_mm_kernel(
             w = w_desc.load([blk * B + kk, 0])
         acc = tl.dot(a, w, acc)
     if HAS_BIAS:  # rounded to the activations' dtype first, as autocast casts the bias
-        acc += tl.load(bias_ptr + j * B + offs_n).to(c_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    offs_c = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # M·N can pass 2^31 (lm_head at 64k tokens)
-    c = c_ptr + offs_c[:, None] * stride_cm + (j * B + offs_n)[None, :] * stride_cn
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(offs_c < M)[:, None])
+        acc += tl.load(bias_ptr + j * B + tl.arange(0, B)).to(c_desc.dtype).to(tl.float32)[None, :]
+    c_desc.store([pid_m * BM, j * B], acc.to(c_desc.dtype))
 
 
 @triton.jit
@@ -739,8 +745,8 @@ def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int
     w_desc = _descriptor(packed.view(-1, b))  # (nnz·b, b)
     grid = lambda meta: (_cdiv(m, meta["BM"]) * n_j,)
     _bsr_mm_kernel[grid](
-        a_desc, w_desc, c, bias if bias is not None else c, *lists,
-        m, n_j, info.nnz.bit_length(), MM_TAIL_WAVES * _num_sms(a.device), c.stride(0), c.stride(1),
+        a_desc, w_desc, _descriptor(c), bias if bias is not None else c, *lists,
+        m, n_j, info.nnz.bit_length(), MM_TAIL_WAVES * _num_sms(a.device),
         W_T=forward, IDS=not forward, HAS_BIAS=bias is not None, B=b,
     )  # fmt: skip
     return c

@@ -100,7 +100,7 @@ def _tiles(configs):
 
 def test_config_pruning_respects_the_shared_memory_limit(monkeypatch):
     mm, dw = _full_configs(("BM", "BK"), bs.MM_TILES), _full_configs(("BK",), bs.DW_TILES)
-    # The estimates by hand (Triton's own count for sm90 adds only barriers: 98308, 147464 and 196608 bytes).
+    # The estimates by hand (Triton's own count for sm90 adds only barriers: 98324, 147496 and 196608 bytes).
     cfg = {t: c for t, c in zip(bs.MM_TILES, mm)}
     assert bs.mm_smem(cfg[256, 64, 8, 3], 128, 2) == 2 * (256 + 128) * 64 * 2  # stages 3: 2 chunks in flight
     assert bs.mm_smem(cfg[256, 64, 8, 5], 128, 2) == 3 * (256 + 128) * 64 * 2  # stages 5: 3 chunks
@@ -110,9 +110,13 @@ def test_config_pruning_respects_the_shared_memory_limit(monkeypatch):
         (256, 64, 8, 3), (256, 64, 8, 5), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 5)
     ]  # fmt: skip
     assert _tiles(bs.dw_configs_for(dw, 128, 2, 2, H100_SMEM)) == [(64, 8, 3), (64, 8, 4), (32, 8, 3)]
-    # fp32 operands: 3 chunks of the 256-row forward tile are 288 KB, and so are 3 of dW's 64-wide ones.
-    assert (256, 64, 8, 5) not in _tiles(bs.mm_configs_for(mm, 128, 4, H100_SMEM))
-    assert (256, 64, 8, 3) in _tiles(bs.mm_configs_for(mm, 128, 4, H100_SMEM))
+    # fp32 operands: the 256-row forward tile's 2 chunks (192 KB) and its output tile (128 KB, not in the pipeline's
+    # buffers) do not fit, nor do 3 of dW's 64-wide chunks (288 KB); 16-bit output tiles reuse the pipeline's.
+    assert bs.mm_smem(cfg[128, 64, 4, 3], 128, 2) == 2 * (128 + 128) * 64 * 2
+    assert bs.mm_smem(cfg[128, 64, 4, 3], 128, 4) == 2 * (128 + 128) * 64 * 4 + 128 * 128 * 4
+    assert _tiles(bs.mm_configs_for(mm, 128, 4, H100_SMEM)) == [
+        (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (128, 32, 4, 5), (64, 32, 4, 3)
+    ]  # fmt: skip
     assert _tiles(bs.dw_configs_for(dw, 128, 2, 4, H100_SMEM)) == [(32, 8, 3)]
     # A smaller device drops what no longer fits: 4 dW stages (192 KB) on the A100.
     assert _tiles(bs.dw_configs_for(dw, 128, 2, 2, A100_SMEM)) == [(64, 8, 3), (32, 8, 3)]
@@ -132,7 +136,7 @@ def test_config_pruning_respects_the_shared_memory_limit(monkeypatch):
     p = torch.empty(0, dtype=torch.bfloat16)
     assert _tiles(bs._prune_dw(dw, {"dy_ptr": p}, B=128, G=2)) == [(64, 8, 3), (32, 8, 3)]
     a_desc = SimpleNamespace(base=p.float())  # the kernel's A operand is a TMA descriptor
-    assert _tiles(bs._prune_mm(mm, {"a_desc": a_desc}, B=128)) == [(128, 64, 8, 3), (128, 64, 4, 3)]
+    assert _tiles(bs._prune_mm(mm, {"a_desc": a_desc}, B=128)) == [(128, 32, 4, 3), (128, 32, 4, 5), (64, 32, 4, 3)]
 
 
 def test_expected_dw_tasks_count_the_padded_last_task_of_each_list():
