@@ -743,9 +743,11 @@ def _mm(a: torch.Tensor, packed: torch.Tensor, bias, info: BlockMaskInfo, n: int
     b = info.block
     a_desc = _descriptor(a)
     w_desc = _descriptor(packed.view(-1, b))  # (nnz·b, b)
+    c_desc = _descriptor(c)
+    assert c_desc.base is c  # fresh and contiguous, so described in place: stores into a copy would be lost
     grid = lambda meta: (_cdiv(m, meta["BM"]) * n_j,)
     _bsr_mm_kernel[grid](
-        a_desc, w_desc, _descriptor(c), bias if bias is not None else c, *lists,
+        a_desc, w_desc, c_desc, bias if bias is not None else c, *lists,
         m, n_j, info.nnz.bit_length(), MM_TAIL_WAVES * _num_sms(a.device),
         W_T=forward, IDS=not forward, HAS_BIAS=bias is not None, B=b,
     )  # fmt: skip
