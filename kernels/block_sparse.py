@@ -22,13 +22,13 @@ in the grid so the tile's activations come from HBM once; the packed W (≤ 8 MB
 The K loop is flat over (nonzero block, 64-wide chunk), so the pipeliner keeps chunks (2 or 3, see `mm_smem`)
 in flight across block boundaries. At b=128 the 256×128 tile (8 warps) reuses each loaded byte about as well as
 cuBLAS's 128×256; at b ≤ 64 the output tile is only b wide, so those kernels stay L2-bandwidth bound. Both loads
-are TMA copies (tensor descriptors; rows past M read as zeros, never stored). The dW SDDMM groups up to G blocks
-that share a row (or a column, whichever lists are longer) into one task, so the shared dY (or X) slice is loaded
-once for G blocks (at b = 128 and 64, G = 2 and 4, as TMA boxes into G b×b accumulators, `_sddmm_tma_kernel`;
-at b = 32, G = 8, as one b × G·b tile of pointer loads, `_sddmm_kernel`), and splits the token reduction across
-programs (fp32 atomics) when there are too few tasks to fill the GPU's last wave (`expected_tasks`,
-`dw_splits`): straight into the zeroed fp32 dW of fp32 master weights, or into a compact (nnz, b, b) buffer that
-one pass casts into a 16-bit dW, writing the empty blocks' zeros in the same launch.
+and the output's store are TMA copies (tensor descriptors; rows past M read as zeros, never stored). The dW
+SDDMM groups up to G blocks that share a row (or a column, whichever lists are longer) into one task, so the
+shared dY (or X) slice is loaded once for G blocks (at b = 128 and 64, G = 2 and 4, as TMA boxes into G b×b
+accumulators, `_sddmm_tma_kernel`; at b = 32, G = 8, as one b × G·b tile of pointer loads, `_sddmm_kernel`), and
+splits the token reduction across programs (fp32 atomics) when there are too few tasks to fill the GPU's last
+wave (`expected_tasks`, `dw_splits`): straight into the zeroed fp32 dW of fp32 master weights, or into a compact
+(nnz, b, b) buffer that one pass casts into a 16-bit dW, writing the empty blocks' zeros in the same launch.
 Nothing on the per-call path syncs with the host (all sizes come from the index tensors' shapes), so a fwd+bwd
 can be captured in a CUDA graph. Host work per fwd+bwd: the autograd op, a zero-fill and 4 launches (pack, forward,
 dX, dW; a 16-bit dW reduced over split token chunks adds its cast pass); the backend choice and the dW split
