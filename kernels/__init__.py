@@ -7,6 +7,8 @@ cannot run raises with the reason (never a silent fallback).
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,20 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def pdl_capable(device: torch.device) -> bool:
+    """Whether Triton kernels on `device` can be launched programmatically dependent on the kernel before them
+    (griddepcontrol, sm90 and later): not in the CPU interpreter, which has no such launch."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def launch_pdl(pdl: bool) -> dict[str, bool]:
+    """A Triton launch's option for programmatic dependent launch (the interpreter takes no such option)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def select(impls: dict[str, Callable[..., Any]], backend: str, can_run: dict[str, Callable[[], bool]]) -> str:

@@ -1,3 +1,4 @@
+import re
 import textwrap
 from types import SimpleNamespace
 
@@ -477,9 +478,9 @@ def test_triton_kernels_match_reference_in_interpreter():
 # The kernels compiled for the H100 on the CPU (Triton ships ptxas): Triton's own shared-memory count
 
 
-def _sm90_shared_bytes(kernel, args: tuple, kwargs: dict) -> int:
-    """Shared memory of one launch of the @triton.jit `kernel` compiled for sm90, its arguments specialized as a
-    CUDA launch specializes them (integers equal to 1 folded in, 16-byte divisibility)."""
+def _sm90_compile(kernel, args: tuple, kwargs: dict):
+    """One launch of the @triton.jit `kernel` compiled for sm90 (its `.metadata.shared`, `.asm["ptx"]`), its
+    arguments specialized as a CUDA launch specializes them (integers equal to 1 folded in, 16-byte divisibility)."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -490,9 +491,7 @@ def _sm90_shared_bytes(kernel, args: tuple, kwargs: dict) -> int:
     kwargs = {**kwargs, "debug": False, "instrumentation_mode": knobs.compilation.instrumentation_mode}
     bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
-    return triton.compile(
-        ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
-    ).metadata.shared
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 class _Launches:
@@ -513,7 +512,8 @@ def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch, block):
     fp32 operands), compiled
     for sm90 with the kept config that needs the most shared memory: Triton's count stays within the estimate the
     pruning used and the H100's limit. Until its in-block offsets were fixed, the by-row dW into the compact buffer
-    needed 256 KB whatever the config."""
+    needed 256 KB whatever the config. Launched programmatically dependent (as on an H100): each kernel waits for
+    the one before it once, the forward/dX before its first data load, dW after its last dot."""
     m, group = 1024, bs.DW_TILE // block
     tma = group in bs.TMA_DW_GROUPS
     dw_name = "_sddmm_tma_kernel" if tma else "_sddmm_kernel"
@@ -521,6 +521,7 @@ def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch, block):
     monkeypatch.setattr(bs, "_bsr_mm_kernel", kernels["mm"][1])
     monkeypatch.setattr(bs, dw_name, kernels["dw"][1])
     monkeypatch.setattr(bs, "_scatter_kernel", _Launches())
+    monkeypatch.setattr(bs, "_pdl", lambda device: True)
     for dtype in (torch.bfloat16, torch.float32):
         for rows, cols in [(1024 // block, 4096 // block), (4096 // block, 1024 // block)]:  # dW by row, by column
             info = build_block_mask_info(torch.rand(rows, cols) < 0.25, block)
@@ -532,7 +533,7 @@ def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch, block):
                 bs.dx_triton(dy, None, info, packed)
             outs = [torch.float32] if dtype == torch.float32 else [torch.float32, torch.bfloat16]
             for out, splits in [(dtype, 1)] + [(o, 2) for o in outs]:  # stores; atomics into full / compact dW
-                bs.dw_triton(dy, x, info, out, splits)
+                bs.dw_triton(dy, x, info, out, splits, after_dx=True)
     mm, dw = _full_configs(("BM", "BK"), bs.MM_TILES), _full_configs(("BK",), bs.DW_TILES)
     n_compiled = 0
     for name, (kernel, launches) in kernels.items():
@@ -549,8 +550,19 @@ def test_kernels_compiled_for_h100_fit_its_shared_memory(monkeypatch, block):
             # the TMA boxes of that config, as the autotuner's pre-hook sets them
             if name == "mm" or tma:
                 (bs._set_mm_boxes if name == "mm" else bs._set_dw_boxes)({**named, **kwargs, **config.all_kwargs()})
-            shared = _sm90_shared_bytes(kernel.fn, args, {**kwargs, **config.all_kwargs()})
+            assert kwargs["launch_pdl"]
+            compiled = _sm90_compile(kernel.fn, args, {**kwargs, **config.all_kwargs()})
+            shared = compiled.metadata.shared
             assert shared <= need(config) + bs._SMEM_RESERVE <= H100_SMEM, (name, kwargs, str(config), shared)
+            ptx = compiled.asm["ptx"]
+            assert ptx.count("griddepcontrol.wait") == 1
+            wait = ptx.index("griddepcontrol.wait")
+            last_dot = max(ptx.rfind("wgmma"), ptx.rfind("mma.sync"))
+            if name == "mm":  # before the first TMA load, and it lets the next launch start only after it
+                assert wait < ptx.index("cp.async.bulk.tensor") < last_dot
+                assert wait < ptx.index("griddepcontrol.launch_dependents")
+            else:  # after the last dot, before the outputs
+                assert 0 < last_dot < wait < max(m.start() for m in re.finditer(r"\s(st|atom)\.global", ptx))
             n_compiled += 1
     assert n_compiled == 2 * 2 + 2 * (3 + 2)
 
@@ -723,6 +735,40 @@ def test_module_fwd_bwd_replays_from_a_cuda_graph():
         eager = [call(), *(t.grad for t in leaves)]
         for got, want in zip(static, eager, strict=True):
             assert _rel_err(got, want) < 1e-4  # the dW atomics may add in another order
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_programmatic_launches_match_plain_ones(monkeypatch, w_dtype):
+    """With programmatic dependent launch (Hopper and later) each kernel may start while the one before it runs: the
+    same gradients as plain launches, eagerly and as CUDA-graph replays, call after call (dW beside dX, split-K
+    atomics into the buffer zeroed just before dX; the 16-bit dW's cast pass after it)."""
+    if not bs.pdl_capable(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm90 or later")
+    torch.manual_seed(7)
+    info = build_block_mask_info(torch.rand(32, 8) < 0.25, 128, "cuda")
+    x = torch.randn(8192, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(4096, 1024, device="cuda") / 32).to(w_dtype).requires_grad_()
+    dy = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def call() -> list[torch.Tensor]:
+        x.grad = w.grad = None
+        with torch.autocast("cuda", torch.bfloat16, enabled=w_dtype == torch.float32, cache_enabled=False):
+            y = block_sparse_linear(x, w, None, info, backend="triton", dw_density=0.25)
+        y.backward(dy)
+        return [y.detach(), x.grad, w.grad]
+
+    monkeypatch.setattr(bs, "USE_PDL", False)
+    want = call()
+    assert bs.dw_splits(8192, bs.expected_tasks(info.grid, 128, 0.25)[0], x.device) > 1  # the atomics path
+    monkeypatch.setattr(bs, "USE_PDL", True)
+    graph, static = capture(call)
+    for _ in range(3):
+        eager = call()
+        graph.replay()
+        for got in (eager, static):
+            for g, ref in zip(got, want, strict=True):
+                assert _rel_err(g, ref) < 1e-5  # fp32 atomics may add in another order
 
 
 @pytest.mark.gpu
