@@ -109,21 +109,24 @@ def compile_resources(
     )  # fmt: skip
 
 
-def hsa_resources(T: int = 1024, stride: int = 64, head_dim: int = 64, arch: int = 90) -> list[Resources]:
-    """The four HSA kernels at config_for(T, stride, head_dim), bf16, as the trainer launches them."""
+def hsa_resources(T: int = 1024, stride: int = 64, head_dim: int = 64, arch: int = 90,
+                  pdl: bool | None = None) -> list[Resources]:  # fmt: skip
+    """The four HSA kernels at config_for(T, stride, head_dim), bf16, as the trainer launches them: programmatically
+    dependent (`PDL`) from sm90 on, unless `pdl` says otherwise."""
     from kernels import hsa_attention as hsa
 
     cfg = hsa.config_for(T, stride, head_dim)
     np_ = hsa._periods(T, stride)
+    p = {"PDL": arch >= 90 if pdl is None else pdl}
     kernels = [
-        (hsa._strided_fwd_kernel, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_fwd.block // np_},
+        (hsa._strided_fwd_kernel, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_fwd.block // np_, **p},
          cfg.strided_fwd),
         (hsa._band_fwd_kernel, {"HEAD_DIM": head_dim, "BLOCK_M": cfg.band_fwd.block,
-                                "BLOCK_N": cfg.band_fwd.block_n or cfg.band_fwd.block}, cfg.band_fwd),
-        (hsa._strided_bwd_kernel, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_bwd.block // np_},
+                                "BLOCK_N": cfg.band_fwd.block_n or cfg.band_fwd.block, **p}, cfg.band_fwd),
+        (hsa._strided_bwd_kernel, {"HEAD_DIM": head_dim, "NP": np_, "RS": cfg.strided_bwd.block // np_, **p},
          cfg.strided_bwd),
-        (hsa._band_bwd_kernel, {"HEAD_DIM": head_dim, "BLOCK": cfg.band_bwd.block, "UNROLLED": cfg.band_bwd.unrolled},
-         cfg.band_bwd),
+        (hsa._band_bwd_kernel, {"HEAD_DIM": head_dim, "BLOCK": cfg.band_bwd.block, "UNROLLED": cfg.band_bwd.unrolled,
+                                **p}, cfg.band_bwd),
     ]  # fmt: skip
 
     def arg_type(name: str) -> str:  # the kernels' naming: tensors capitalized, lse and delta fp32

@@ -31,11 +31,12 @@ def test_hsa_kernels_as_the_h200_built_them():
     short = json.loads((ROOT / "results/raw/h200-hsa-band-bwd-short.json").read_text())["compiled"]
     on_gpu["band_bwd_kernel"] += [{k: v for k, v in e.items() if k != "EARLY"} | {"UNROLLED": True, "num_stages": 1}
                                   for e in short["band_bwd_short_kernel"] if e["EARLY"] == 0]  # fmt: skip
-    rows = {r.kernel: r for r in kr.hsa_resources(1024, 64, 64)}
+    rows = {r.kernel: r for r in kr.hsa_resources(1024, 64, 64, pdl=False)}  # the launches of session 23
     assert rows["_band_bwd_kernel"].constants["UNROLLED"]
     for name, got in rows.items():
         launch = {"num_warps": got.num_warps, "num_stages": got.num_stages, "maxnreg": got.maxnreg}
-        (built,) = [e for e in on_gpu[name.strip("_")] if e.items() >= (got.constants | launch).items()]
+        consts = {k: v for k, v in got.constants.items() if k != "PDL"}
+        (built,) = [e for e in on_gpu[name.strip("_")] if e.items() >= (consts | launch).items()]
         assert (got.registers, got.shared_bytes) == (built["n_regs"], built["shared"]), name
         assert (got.stack_bytes > 0) == (built["n_spills"] > 0), name
         if got.maxnreg is not None:
