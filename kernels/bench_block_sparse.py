@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shlex
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -341,6 +343,8 @@ def main() -> None:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     meta = {
+        "method": "mst (block-sparse linear) against dense F.linear",
+        "command": shlex.join(["python", "-m", "kernels.bench_block_sparse", *sys.argv[1:]]),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,

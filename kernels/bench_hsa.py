@@ -30,6 +30,8 @@ are recorded as skipped. The JSON is rewritten after every swept case and every 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -381,6 +383,8 @@ def main(
 
     t_start = time.time()
     record: dict = {
+        "method": "mst (HSA attention) against causal flash SDPA",
+        "command": shlex.join(["python", "-m", "kernels.bench_hsa", *sys.argv[1:]]),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
