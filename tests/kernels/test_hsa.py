@@ -287,6 +287,38 @@ def test_triton_matches_ref_on_gpu(T, stride, hs, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T, stride", [(1024, 64), (1024, 256)])
+def test_programmatic_launches_match_plain_ones_bit_for_bit(monkeypatch, T, stride):
+    """With programmatic dependent launch each band kernel starts while its strided kernel runs (the forward's loop
+    beside it, waiting only to merge): the same bits as plain launches, eagerly and as CUDA-graph replays, call
+    after call (no atomics, so any race would show as a changed bit)."""
+    from kernels import hsa_attention as hsa
+    from kernels import pdl_capable
+    from kernels.benchutil import capture
+
+    if not pdl_capable(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm90 or later")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(8, 12, T, 64, generator=gen).cuda().bfloat16().requires_grad_() for _ in range(3))
+    dout = torch.randn(8, 12, T, 64, generator=gen).cuda().bfloat16()
+
+    def call() -> list[torch.Tensor]:
+        out = hsa_attention_triton(q, k, v, stride)
+        return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
+
+    monkeypatch.setattr(hsa, "USE_PDL", False)
+    want = call()
+    monkeypatch.setattr(hsa, "USE_PDL", True)
+    graph, static = capture(call)
+    for _ in range(3):
+        eager = call()
+        graph.replay()
+        for got in (eager, static):
+            for g, ref in zip(got, want, strict=True):
+                torch.testing.assert_close(g, ref, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
 def test_auto_picks_triton_on_gpu_and_ref_otherwise():
     q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     torch.testing.assert_close(hsa_attention(q, k, v, 16), hsa_attention_triton(q, k, v, 16), atol=0, rtol=0)
