@@ -849,12 +849,13 @@ class _DwPlan(NamedTuple):
     full: bool  # the kernel writes the (out, in) dW itself (else a compact (nnz, b, b) fp32 buffer, then a cast)
 
 
-def _dw_plan(m: int, info: BlockMaskInfo, dtype: torch.dtype, device: torch.device, splits: int | None,
+@functools.cache  # dw_buffer and dw_triton both ask, once each per backward
+def _dw_plan(m: int, grid: tuple[int, int], block: int, dtype: torch.dtype, device: torch.device, splits: int | None,
              density: float) -> _DwPlan:  # fmt: skip
     # The grid has a program per task slot (padding ones exit at once): split-K is sized for the tasks the expected
     # density makes, since the real count is on the device and a replayed CUDA graph cannot change its grid anyway.
     if splits is None:
-        mean, high = expected_tasks(info.grid, info.block, density)
+        mean, high = expected_tasks(grid, block, density)
         splits = dw_splits(m, mean, device, high)
     chunk = _cdiv(_cdiv(m, splits), _DW_ALIGN) * _DW_ALIGN
     splits = _cdiv(m, chunk)
@@ -869,7 +870,7 @@ def dw_buffer(dy: torch.Tensor, info: BlockMaskInfo, dtype: torch.dtype | None =
     dtype = dy.dtype if dtype is None else dtype
     if info.n_tasks == 0:
         return dy.new_zeros(info.shape, dtype=dtype)
-    plan = _dw_plan(dy.shape[0], info, dtype, dy.device, splits, density)
+    plan = _dw_plan(dy.shape[0], info.grid, info.block, dtype, dy.device, splits, density)
     shape = info.shape if plan.full else (info.nnz, info.block, info.block)
     # Zeroed for the atomics and for the empty blocks; a memset, far below the GEMM's own traffic.
     return torch.zeros(shape, device=dy.device, dtype=dtype if plan.full else torch.float32)
@@ -892,7 +893,7 @@ def dw_triton(
     dw = dw_buffer(dy, info, dtype, splits, density) if out is None else out
     if n_tasks == 0:
         return dw
-    plan = _dw_plan(m, info, dtype, dy.device, splits, density)
+    plan = _dw_plan(m, info.grid, info.block, dtype, dy.device, splits, density)
     pdl = after_dx and _pdl(dy.device)
     strides = (dw.stride(0), dw.stride(1)) if plan.full else (0, 0)
     flags = dict(B=b, G=info.group, BY_ROW=info.by_row, FULL=plan.full, ATOMIC=plan.atomic, LATE_WAIT=pdl)

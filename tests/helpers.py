@@ -82,3 +82,24 @@ def method_step(model, method, opt, step: int, micro_batches, clip: float = 1.0,
         check("after_optimizer_step", step, stepped)
     opt.zero_grad(set_to_none=True)
     return losses, stepped
+
+
+def check_pdl_against_plain(module, call, compare) -> None:
+    """`call()` (it returns a list of tensors) with `module.USE_PDL` on, eagerly and as replays of one CUDA-graph
+    capture, three times each, against one call with plain launches: `compare(got, want)` for every tensor."""
+    from kernels.benchutil import capture
+
+    old = module.USE_PDL
+    try:
+        module.USE_PDL = False
+        want = call()
+        module.USE_PDL = True
+        graph, static = capture(call)
+        for _ in range(3):
+            eager = call()
+            graph.replay()
+            for got in (eager, static):
+                for g, ref in zip(got, want, strict=True):
+                    compare(g, ref)
+    finally:
+        module.USE_PDL = old

@@ -17,6 +17,7 @@ from kernels.block_sparse import (
     build_block_mask_info,
     expand_block_mask,
 )
+from tests.helpers import check_pdl_against_plain
 from tests.interpreted import check_interpreted
 
 
@@ -739,7 +740,7 @@ def test_module_fwd_bwd_replays_from_a_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
-def test_programmatic_launches_match_plain_ones(monkeypatch, w_dtype):
+def test_programmatic_launches_match_plain_ones(w_dtype):
     """With programmatic dependent launch (Hopper and later) each kernel may start while the one before it runs: the
     same gradients as plain launches, eagerly and as CUDA-graph replays, call after call (dW beside dX, split-K
     atomics into the buffer zeroed just before dX; the 16-bit dW's cast pass after it)."""
@@ -758,17 +759,11 @@ def test_programmatic_launches_match_plain_ones(monkeypatch, w_dtype):
         y.backward(dy)
         return [y.detach(), x.grad, w.grad]
 
-    monkeypatch.setattr(bs, "USE_PDL", False)
-    want = call()
+    def close(got: torch.Tensor, want: torch.Tensor) -> None:
+        assert _rel_err(got, want) < 1e-5  # fp32 atomics may add in another order
+
     assert bs.dw_splits(8192, bs.expected_tasks(info.grid, 128, 0.25)[0], x.device) > 1  # the atomics path
-    monkeypatch.setattr(bs, "USE_PDL", True)
-    graph, static = capture(call)
-    for _ in range(3):
-        eager = call()
-        graph.replay()
-        for got in (eager, static):
-            for g, ref in zip(got, want, strict=True):
-                assert _rel_err(g, ref) < 1e-5  # fp32 atomics may add in another order
+    check_pdl_against_plain(bs, call, close)
 
 
 @pytest.mark.gpu

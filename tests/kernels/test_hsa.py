@@ -19,6 +19,7 @@ from kernels.hsa_attention import (
     make_hsa_attend,
 )
 from model.gpt import GPT, GPTConfig, causal_attention
+from tests.helpers import check_pdl_against_plain
 from tests.interpreted import check_interpreted
 
 
@@ -288,13 +289,12 @@ def test_triton_matches_ref_on_gpu(T, stride, hs, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, stride", [(1024, 64), (1024, 256)])
-def test_programmatic_launches_match_plain_ones_bit_for_bit(monkeypatch, T, stride):
+def test_programmatic_launches_match_plain_ones_bit_for_bit(T, stride):
     """With programmatic dependent launch each band kernel starts while its strided kernel runs (the forward's loop
     beside it, waiting only to merge): the same bits as plain launches, eagerly and as CUDA-graph replays, call
     after call (no atomics, so any race would show as a changed bit)."""
     from kernels import hsa_attention as hsa
     from kernels import pdl_capable
-    from kernels.benchutil import capture
 
     if not pdl_capable(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs sm90 or later")
@@ -306,16 +306,7 @@ def test_programmatic_launches_match_plain_ones_bit_for_bit(monkeypatch, T, stri
         out = hsa_attention_triton(q, k, v, stride)
         return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
 
-    monkeypatch.setattr(hsa, "USE_PDL", False)
-    want = call()
-    monkeypatch.setattr(hsa, "USE_PDL", True)
-    graph, static = capture(call)
-    for _ in range(3):
-        eager = call()
-        graph.replay()
-        for got in (eager, static):
-            for g, ref in zip(got, want, strict=True):
-                torch.testing.assert_close(g, ref, atol=0, rtol=0)
+    check_pdl_against_plain(hsa, call, lambda got, want: torch.testing.assert_close(got, want, atol=0, rtol=0))
 
 
 @pytest.mark.gpu
