@@ -64,3 +64,27 @@ def define_op(schema: str, impl: Callable[..., Any], fake: Callable[..., Any]) -
         _LIB.impl(name, impl, key)
     torch.library.register_fake(f"sparse_pretrain::{name}", fake, lib=_LIB)
     return getattr(torch.ops.sparse_pretrain, name).default
+
+
+# Per-call choices a compiled graph must not freeze: a module attribute (or an attribute of a callable a module
+# holds) named `runtime_mode`, an int, reaches a compiled graph as an input instead of a constant dynamo guards on,
+# so flipping it neither recompiles nor needs a graph of its own; CUDA-graph replays (compile_mode reduce-overhead)
+# record one graph per combination of values they meet and replay it when it comes back. Only the ops it is handed
+# to read it, when they run, and their schemas type it SymInt (an `int` argument makes dynamo guard on its value:
+# one graph per value again). Registered when this package is imported, before anything of ours is compiled.
+RUNTIME_MODE = "runtime_mode"
+_RUNTIME_SOURCE = rf".*\.{RUNTIME_MODE}$"  # dynamo's source names end in the attribute: L['self']._modules[...].x
+
+
+def compile_runtime_modes() -> None:
+    """Make torch.compile treat every `runtime_mode` attribute as a dynamic int (a graph input)."""
+    import torch.compiler.config as compiler_config
+
+    if not hasattr(compiler_config, "dynamic_sources"):  # older torch: each mode compiles a graph of its own
+        return
+    sources = [s for s in compiler_config.dynamic_sources.split(",") if s]
+    if _RUNTIME_SOURCE not in sources:
+        compiler_config.dynamic_sources = ",".join([*sources, _RUNTIME_SOURCE])
+
+
+compile_runtime_modes()

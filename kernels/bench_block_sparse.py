@@ -203,13 +203,13 @@ def bench_shape(
                 continue
             flops = dense_flops * info.density()
 
-            def sparse(inp, weight, info=info, dense_wgrad=False):
-                return bs.block_sparse_linear(inp, weight, None, info, backend="triton", dense_wgrad=dense_wgrad,
+            def sparse(inp, weight, info=info, mode=0):
+                return bs.block_sparse_linear(inp, weight, None, info, backend="triton", mode=mode,
                                               dw_density=info.density())  # as MST sets it: the layer's density
 
             dx_want = lambda i=info: bs.dx_ref(dyf(), wd.float(), i)
             dw_want = lambda i=info: bs.dw_ref(dyf(), xd.float(), i)
-            wgrad = functools.partial(sparse, dense_wgrad=True)
+            wgrad = functools.partial(sparse, mode=bs.DENSE_WGRAD)
             variants = [  # (variant, forward, weight, amp, dense row, flops, dW reference)
                 ("bs fwd+bwd", sparse, w, False, "fwd+bwd", 3 * flops, dw_want),
                 ("bs fwd+bwd amp", sparse, w32, True, "fwd+bwd amp", 3 * flops, dw_want),

@@ -6,8 +6,13 @@ GEMMs of a linear skip the empty blocks:
   forward  Y = X Wᵀ      per output row block j of W, sum over its nonzero column blocks k   (CSR lists)
   dX       dX = dY W     per input column block k of W, sum over its nonzero row blocks j    (CSC lists)
   dW       dW = dYᵀ X    only the nonzero blocks (an SDDMM with a K = tokens reduction), written into a
-                         full-size dW that is zero on empty blocks; `dense_wgrad=True` computes the full dense
+                         full-size dW that is zero on empty blocks; mode `DENSE_WGRAD` computes the full dense
                          dW with one GEMM instead (MST scores growth with it on topology-update steps).
+
+Mode `DENSE_PATH` runs all three as dense GEMMs (cuBLAS) on the weight as it is, for layers dense enough that
+the block kernels lose to cuBLAS. The mode is an int the ops read when they run: `BlockSparseLinear.runtime_mode`
+reaches a compiled graph as an input (`kernels.compile_runtime_modes`), so MST's switches between paths and its
+update steps run the graph it has, and CUDA-graph replays record one graph per combination of modes.
 
 The index lists are built once per mask (MST changes masks every ~100 steps) as int32 tensors on the weight's
 device (`BlockMaskInfo`). Each forward packs the nonzero blocks of the weight parameter, in the compute dtype,
@@ -59,6 +64,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels import define_op, launch_pdl, pdl_capable, select, triton_available
 
 BLOCK_SIZES = (32, 64, 128)
+DENSE_WGRAD, DENSE_PATH = 1, 2  # bits of a call's mode: the dense dW; every GEMM dense (cuBLAS, W as it is)
 DW_TILE = 256  # width of the dW tile: G = DW_TILE // b blocks share one load of their common dY or X slice
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -977,18 +983,28 @@ _impl_name = functools.cache(_choose_impl)
 # dtype, so autograd adds no full-size casts around the op.
 
 
-def _forward(x, weight, bias, info: BlockMaskInfo, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(x, weight, bias, info: BlockMaskInfo, impl: str, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, the weight operand the forward used, which dX reuses)."""
+    if mode & DENSE_PATH:
+        # The whole weight in the compute dtype. In the Triton impl's (nnz, b, b) operand shape: the packed buffer
+        # has room for all R·C blocks, the weight's size, so the two paths give a compiled graph the same shapes.
+        w_op = weight.to(x.dtype, copy=True)  # a copy even in weight's dtype: an op's outputs may not alias inputs
+        y = F.linear(x, w_op, None if bias is None else bias.to(x.dtype))
+        return y, w_op.view(info.nnz, info.block, info.block) if impl == "triton" else w_op
     ops = IMPLS[impl]
     w_op = ops.prepare(weight, info, x.dtype)
     return ops.fwd(x, w_op, bias, info), w_op
 
 
-def _backward(dy, x, w_op, info: BlockMaskInfo, impl: str, dtype: torch.dtype, dense_wgrad: bool, density: float,
+def _backward(dy, x, w_op, info: BlockMaskInfo, impl: str, dtype: torch.dtype, mode: int, density: float,
               need_dx: bool, need_dw: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """(dX, dW), None where not needed. The Triton dW's zeroed buffer is made before dX, so that the dW kernel
     directly follows the dX kernel and may run beside its last wave (`_pdl`)."""
+    if mode & DENSE_PATH:
+        dx = dy @ w_op.view(info.shape) if need_dx else None
+        return dx, (dy.t() @ x).to(dtype) if need_dw else None
     ops = IMPLS[impl]
+    dense_wgrad = bool(mode & DENSE_WGRAD)
     sparse_dw = need_dw and not dense_wgrad and impl == "triton"
     dw_out = dw_buffer(dy, info, dtype, density=density) if sparse_dw else None
     dx = ops.dx(dy, w_op, info) if need_dx else None
@@ -1002,10 +1018,10 @@ def _backward(dy, x, w_op, info: BlockMaskInfo, impl: str, dtype: torch.dtype, d
 
 class _BlockSparseLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, info, impl, dense_wgrad, dw_density):
-        y, w_op = _forward(x, weight, bias, info, impl)
+    def forward(ctx, x, weight, bias, info, impl, mode, dw_density):
+        y, w_op = _forward(x, weight, bias, info, impl, mode)
         ctx.save_for_backward(x, w_op)
-        ctx.info, ctx.impl, ctx.dense_wgrad, ctx.dw_density = info, impl, dense_wgrad, dw_density
+        ctx.info, ctx.impl, ctx.mode, ctx.dw_density = info, impl, mode, dw_density
         ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
         return y
 
@@ -1013,7 +1029,7 @@ class _BlockSparseLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, w_op = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw = _backward(dy, x, w_op, ctx.info, ctx.impl, ctx.w_dtype, ctx.dense_wgrad, ctx.dw_density, need_dx,
+        dx, dw = _backward(dy, x, w_op, ctx.info, ctx.impl, ctx.w_dtype, ctx.mode, ctx.dw_density, need_dx,
                            need_dw)  # fmt: skip
         db = dy.sum(0).to(ctx.b_dtype) if need_db else None
         return dx, dw, db, None, None, None, None
@@ -1028,27 +1044,27 @@ class _BlockSparseLinearFn(torch.autograd.Function):
 # graph: its autograd kernel, a redispatch, dynamo-disable wrappers and output-alias checks.) Eager calls keep
 # `_BlockSparseLinearFn`: dispatching even these ops adds more host time than an eager call spends otherwise, and
 # eager calls are host-bound already.
-def _fwd_impl(x, weight, bias, index, grid, block, impl):
+def _fwd_impl(x, weight, bias, index, grid, block, impl, mode):
     """(y, the weight operand dX reuses)."""
-    return _forward(x, weight, bias, BlockMaskInfo.from_tensors(index, grid, block), impl)
+    return _forward(x, weight, bias, BlockMaskInfo.from_tensors(index, grid, block), impl, mode)
 
 
-def _fwd_fake(x, weight, bias, index, grid, block, impl):
+def _fwd_fake(x, weight, bias, index, grid, block, impl, mode):
     w_op = x.new_empty(
         (BlockMaskInfo.from_tensors(index, grid, block).nnz, block, block) if impl == "triton" else weight.shape
     )
     return x.new_empty(x.shape[0], weight.shape[0]), w_op
 
 
-def _bwd_impl(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, dw_density, need_dx, need_dw):
+def _bwd_impl(dy, x, w_op, index, grid, block, impl, dtype, mode, dw_density, need_dx, need_dw):
     """(dX, dW), one op for both: a layer's backward then pays one op's dispatch and mask rebuild. A gradient not
     needed comes back empty (an op's outputs are tensors)."""
     info = BlockMaskInfo.from_tensors(index, grid, block)
-    dx, dw = _backward(dy, x, w_op, info, impl, dtype, dense_wgrad, dw_density, need_dx, need_dw)
+    dx, dw = _backward(dy, x, w_op, info, impl, dtype, mode, dw_density, need_dx, need_dw)
     return dy.new_empty(0) if dx is None else dx, dy.new_empty(0, dtype=dtype) if dw is None else dw
 
 
-def _bwd_fake(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, dw_density, need_dx, need_dw):
+def _bwd_fake(dy, x, w_op, index, grid, block, impl, dtype, mode, dw_density, need_dx, need_dw):
     dx = dy.new_empty(dy.shape[0], grid[1] * block) if need_dx else dy.new_empty(0)
     dw = dy.new_empty(dy.shape[1], x.shape[1], dtype=dtype) if need_dw else dy.new_empty(0, dtype=dtype)
     return dx, dw
@@ -1056,10 +1072,12 @@ def _bwd_fake(dy, x, w_op, index, grid, block, impl, dtype, dense_wgrad, dw_dens
 
 _MASK_ARGS = "Tensor[] index, int[] grid, int block, str impl"  # BlockMaskInfo.from_tensors's, and the backend
 _fwd_op = define_op(
-    f"block_sparse_fwd(Tensor x, Tensor weight, Tensor? bias, {_MASK_ARGS}) -> (Tensor, Tensor)", _fwd_impl, _fwd_fake
+    f"block_sparse_fwd(Tensor x, Tensor weight, Tensor? bias, {_MASK_ARGS}, SymInt mode) -> (Tensor, Tensor)",
+    _fwd_impl,
+    _fwd_fake,
 )
 _bwd_op = define_op(
-    f"block_sparse_bwd(Tensor dy, Tensor x, Tensor w_op, {_MASK_ARGS}, ScalarType dtype, bool dense_wgrad, "
+    f"block_sparse_bwd(Tensor dy, Tensor x, Tensor w_op, {_MASK_ARGS}, ScalarType dtype, SymInt mode, "
     "float dw_density, bool need_dx, bool need_dw) -> (Tensor, Tensor)",
     _bwd_impl,
     _bwd_fake,
@@ -1071,10 +1089,10 @@ class _BlockSparseLinearOps(torch.autograd.Function):
     each."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, grid, block, impl, dense_wgrad, dw_density, *index):
-        y, w_op = _fwd_op(x, weight, bias, list(index), grid, block, impl)
+    def forward(ctx, x, weight, bias, grid, block, impl, mode, dw_density, *index):
+        y, w_op = _fwd_op(x, weight, bias, list(index), grid, block, impl, mode)
         ctx.save_for_backward(x, w_op, *index)
-        ctx.grid, ctx.block, ctx.impl, ctx.dense_wgrad, ctx.dw_density = grid, block, impl, dense_wgrad, dw_density
+        ctx.grid, ctx.block, ctx.impl, ctx.mode, ctx.dw_density = grid, block, impl, mode, dw_density
         ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
         return y
 
@@ -1085,7 +1103,7 @@ class _BlockSparseLinearOps(torch.autograd.Function):
         dx = dw = db = None
         if need_dx or need_dw:
             dx, dw = _bwd_op(
-                dy, x, w_op, index, ctx.grid, ctx.block, ctx.impl, ctx.w_dtype, ctx.dense_wgrad, ctx.dw_density,
+                dy, x, w_op, index, ctx.grid, ctx.block, ctx.impl, ctx.w_dtype, ctx.mode, ctx.dw_density,
                 need_dx, need_dw,
             )
             dx, dw = dx if need_dx else None, dw if need_dw else None
@@ -1100,16 +1118,17 @@ def block_sparse_linear(
     bias: torch.Tensor | None,
     block_mask_info: BlockMaskInfo,
     backend: str = "auto",
-    dense_wgrad: bool = False,
+    mode: int = 0,
     dw_density: float = 1.0,
 ) -> torch.Tensor:
     """y = x (W ⊙ M)ᵀ + bias with M the block mask expanded to elements, computing only nonzero blocks.
 
-    Gradients: dX over nonzero blocks; dW zero on empty blocks, or the full dense dYᵀX when `dense_wgrad`
-    (MST topology-update steps). Under autocast the math sees what F.linear's would: x, W and bias rounded to the
-    autocast dtype (W's nonzero blocks only, inside the op) with fp32 accumulation; y is in the autocast dtype and
-    the weight/bias grads in the parameters' own dtypes. Without autocast x and weight must share a dtype.
-    torch.compile traces it with no graph break (custom ops, the mask's index tensors as their inputs).
+    Gradients: dX over nonzero blocks; dW zero on empty blocks, or the full dense dYᵀX when `mode` has
+    DENSE_WGRAD (MST topology-update steps). With DENSE_PATH all three are dense GEMMs on W as it is (equal to the
+    above when W is zero off the mask), and dW is dense. Under autocast the math sees what F.linear's would: x, W
+    and bias rounded to the autocast dtype (W's nonzero blocks only, inside the op) with fp32 accumulation; y is in
+    the autocast dtype and the weight/bias grads in the parameters' own dtypes. Without autocast x and weight must
+    share a dtype. torch.compile traces it with no graph break (custom ops, the mask's index tensors as inputs).
     """
     info = block_mask_info
     if weight.shape != info.shape:
@@ -1127,11 +1146,11 @@ def block_sparse_linear(
         x2 = x2.contiguous()
     if torch.compiler.is_compiling():
         name = _choose_impl(backend, dev, weight.device.type)
-        y = _BlockSparseLinearOps.apply(x2, weight, bias, info.grid, info.block, name, dense_wgrad, dw_density,
+        y = _BlockSparseLinearOps.apply(x2, weight, bias, info.grid, info.block, name, mode, dw_density,
                                         *info.tensors())
     else:
         name = _impl_name(backend, dev, weight.device.type)
-        y = _BlockSparseLinearFn.apply(x2, weight, bias, info, name, dense_wgrad, dw_density)
+        y = _BlockSparseLinearFn.apply(x2, weight, bias, info, name, mode, dw_density)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -1142,12 +1161,12 @@ class BlockSparseLinear(nn.Linear):
     the weight's device (a forward rebuilds them if the module has moved since: under torch.compile that would be a
     graph break, so set masks after moving). `dense_wgrad = True` makes the next backwards return the dense dW.
 
-    `dense_path = True` runs plain F.linear on the weight as it is, for a caller that keeps the weight at exact zero
-    off the mask and masks its gradient itself (MST does both every step): the forward and dX are then the block
-    path's products, computed by cuBLAS, and dW is the dense gradient (what `dense_wgrad` asks for). Above about half
-    density the block kernels are slower than the dense GEMM (they run every nonzero block as a b-wide tile), so
-    MST sends its near-dense layers (the warm-up and restoration) this way. Under torch.compile the flag is guarded:
-    flipping it compiles another graph.
+    `dense_path = True` runs dense GEMMs (cuBLAS) on the weight as it is, for a caller that keeps the weight at exact
+    zero off the mask and masks its gradient itself (MST does both every step): the forward and dX are then the
+    block path's products, and dW is the dense gradient (what `dense_wgrad` asks for). Above about half density the
+    block kernels are slower than the dense GEMM (they run every nonzero block as a b-wide tile), so MST sends its
+    near-dense layers (the warm-up and restoration) this way. Both flags are bits of `runtime_mode`, which the ops
+    read when they run: under torch.compile (after `kernels.compile_runtime_modes()`) flipping them compiles nothing.
     """
 
     def __init__(
@@ -1167,8 +1186,7 @@ class BlockSparseLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.block = block
         self.backend = backend
-        self.dense_wgrad = False
-        self.dense_path = False
+        self.runtime_mode = 0  # DENSE_WGRAD | DENSE_PATH bits: `dense_wgrad`, `dense_path`
         self.dw_density = 1.0  # the density dW's split-K is sized for (its grid is fixed: BlockMaskInfo)
         self.block_mask = torch.ones(out_features // block, in_features // block, dtype=torch.bool)
         self._info: BlockMaskInfo | None = None
@@ -1203,10 +1221,24 @@ class BlockSparseLinear(nn.Linear):
             self._info = build_block_mask_info(self.block_mask, self.block, self.weight.device)
         return self._info
 
+    @property
+    def dense_wgrad(self) -> bool:
+        return bool(self.runtime_mode & DENSE_WGRAD)
+
+    @dense_wgrad.setter
+    def dense_wgrad(self, on: bool) -> None:
+        self.runtime_mode = self.runtime_mode | DENSE_WGRAD if on else self.runtime_mode & ~DENSE_WGRAD
+
+    @property
+    def dense_path(self) -> bool:
+        return bool(self.runtime_mode & DENSE_PATH)
+
+    @dense_path.setter
+    def dense_path(self, on: bool) -> None:
+        self.runtime_mode = self.runtime_mode | DENSE_PATH if on else self.runtime_mode & ~DENSE_PATH
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_path:
-            return F.linear(x, self.weight, self.bias)
-        return block_sparse_linear(x, self.weight, self.bias, self.block_mask_info(), self.backend, self.dense_wgrad,
+        return block_sparse_linear(x, self.weight, self.bias, self.block_mask_info(), self.backend, self.runtime_mode,
                                    self.dw_density)
 
     def extra_repr(self) -> str:

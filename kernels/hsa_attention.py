@@ -619,50 +619,105 @@ def hsa_backward(
     return dq, dk, dv
 
 
+def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t with like's strides (a copy into like only if they differ): an op's outputs must match its fake's."""
+    if t.stride() == like.stride():
+        return t
+    return like.copy_(t)
+
+
+def causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense causal attention through SDPA's flash kernel, with hsa_forward's outputs: (o laid out as _empty_out(q),
+    lse (B*nh, T)). Its lse is flash's own (natural log), which only causal_backward reads."""
+    B, H, T, _ = q.shape
+    q, k, v = _same_layout(q, k, v)
+    if q.is_cuda:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)[:2]
+    else:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    if tuple(lse.shape) != (B, H, T):
+        raise RuntimeError(f"flash attention returned a logsumexp of shape {tuple(lse.shape)}, not {(B, H, T)}")
+    return _in_layout_of(o, _empty_out(q)), lse.reshape(B * H, T)
+
+
+def causal_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) of causal_forward, laid out as _empty_out(q)."""
+    B, H, T, _ = q.shape
+    q, k, v = _same_layout(q, k, v)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    lse = lse.view(B, H, T)
+    if q.is_cuda:  # no dropout: no cumulative lengths (not varlen) and no RNG state to pass
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, o, lse, None, None, T, T, 0.0, True, None, None
+        )
+    else:
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o, lse, 0.0, True)
+    return tuple(_in_layout_of(g, _empty_out(q)) for g in grads)
+
+
 # The kernels as torch.library ops: torch.compile sees one opaque op per pass (shapes from the fakes below) instead
 # of a graph break. A break inside a block made dynamo run GPT.forward's loop over blocks eagerly and split every
 # block into pieces, on top of the kernel's own time. The ops have no autograd of their own: `_HsaFn`, an
 # autograd.Function that dynamo traces, ties them together, so a compiled step calls each op's kernel straight from
 # the dispatcher. (torch.library.custom_op with register_autograd puts Python in front of every call of a compiled
-# graph: its autograd kernel, a redispatch, dynamo-disable wrappers and output-alias checks.)
-def _fwd_fake(q, k, v, stride):
+# graph: its autograd kernel, a redispatch, dynamo-disable wrappers and output-alias checks.) `causal` = 1 runs
+# dense causal attention (flash) instead, chosen when the op runs: MST's switch from HSA to dense attention then
+# needs no other graph (HsaAttention.runtime_mode).
+def _fwd_impl(q, k, v, stride, causal):
+    return causal_forward(q, k, v) if causal else hsa_forward(q, k, v, stride)
+
+
+def _bwd_impl(q, k, v, o, lse, do, stride, causal):
+    return causal_backward(q, k, v, o, lse, do) if causal else hsa_backward(q, k, v, o, lse, do, stride)
+
+
+def _fwd_fake(q, k, v, stride, causal):
     B, H, T, D = q.shape
     return _empty_out(q), q.new_empty((B * H, T), dtype=torch.float32)
 
 
-def _bwd_fake(q, k, v, o, lse, do, stride):
+def _bwd_fake(q, k, v, o, lse, do, stride, causal):
     return _empty_out(q), _empty_out(q), _empty_out(q)
 
 
-_hsa_fwd_op = define_op("hsa_fwd(Tensor q, Tensor k, Tensor v, int stride) -> (Tensor, Tensor)", hsa_forward, _fwd_fake)
+_hsa_fwd_op = define_op(
+    "hsa_fwd(Tensor q, Tensor k, Tensor v, int stride, SymInt causal) -> (Tensor, Tensor)", _fwd_impl, _fwd_fake
+)
 _hsa_bwd_op = define_op(
-    "hsa_bwd(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor do, int stride) -> (Tensor, Tensor, Tensor)",
-    hsa_backward,
+    "hsa_bwd(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor do, int stride, SymInt causal) -> "
+    "(Tensor, Tensor, Tensor)",
+    _bwd_impl,
     _bwd_fake,
 )
 
 
 class _HsaFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, stride):
-        o, lse = _hsa_fwd_op(q, k, v, stride)
+    def forward(ctx, q, k, v, stride, causal):
+        o, lse = _hsa_fwd_op(q, k, v, stride, causal)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.stride = stride
+        ctx.stride, ctx.causal = stride, causal
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*_hsa_bwd_op(q, k, v, o, lse, do, ctx.stride), None)
+        return (*_hsa_bwd_op(q, k, v, o, lse, do, ctx.stride, ctx.causal), None, None)
 
 
-def hsa_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int) -> torch.Tensor:
-    """Mode 'sparse' HSA computing only the kept pairs (forward and backward). q, k, v: (B, nh, T, hs) on CUDA
-    (or CPU tensors under TRITON_INTERPRET=1); bf16/fp16 (fp32 runs with TF32 dots on a GPU)."""
+def hsa_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int, causal: int = 0
+) -> torch.Tensor:
+    """Mode 'sparse' HSA computing only the kept pairs (forward and backward), or dense causal attention (flash)
+    when `causal` is 1. q, k, v: (B, nh, T, hs) on CUDA (or CPU tensors under TRITON_INTERPRET=1); bf16/fp16 (fp32
+    runs with TF32 dots on a GPU)."""
     _check(q.size(-2), stride, "sparse")
     if k is q or v is q or v is k:  # dynamo refuses an autograd.Function given one tensor twice; a view is another
         k, v = k.view_as(k), v.view_as(v)
-    return _HsaFn.apply(q, k, v, stride)
+    return _HsaFn.apply(q, k, v, stride, causal)
 
 
 IMPLS: dict[str, Callable[..., torch.Tensor]] = {"triton": hsa_attention_triton, "ref": hsa_attention_ref}
@@ -676,25 +731,36 @@ def hsa_attention(
     mode: str = "sparse",
     dropout_p: float = 0.0,
     backend: str = "auto",
+    causal: int = 0,
 ) -> torch.Tensor:
-    """HSA through the fastest implementation that can run this call (backend 'auto'), or the one named."""
+    """HSA through the fastest implementation that can run this call (backend 'auto'), or the one named. `causal`
+    = 1: dense causal attention instead, through the same path (on the Triton path the ops choose it when they
+    run, so a compiled graph may take it as an input)."""
     why_not = triton_unsupported(q, stride, mode, dropout_p)
     if backend == "triton" and why_not is not None:
         raise RuntimeError(f"hsa backend 'triton' cannot run this call: {why_not}; use 'ref' or 'auto'")
     name = select(IMPLS, backend, {"triton": lambda: why_not is None})
     if name == "triton":
-        return hsa_attention_triton(q, k, v, stride)
-    return hsa_attention_ref(q, k, v, stride, mode, dropout_p)
+        return hsa_attention_triton(q, k, v, stride, causal)
+    return hsa_attention_ref(q, k, v, stride, "dense" if causal else mode, dropout_p)
 
 
-def make_hsa_attend(stride: int, mode: str = "sparse", backend: str = "auto") -> Callable[..., torch.Tensor]:
-    """An attention function with the signature of model.gpt.causal_attention, for CausalSelfAttention.attend."""
-    if mode not in MODES:
-        raise ValueError(f"hsa mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if stride < 1:
-        raise ValueError(f"hsa stride must be >= 1, got {stride}")
+class HsaAttention:
+    """Attention for CausalSelfAttention.attend, with model.gpt.causal_attention's signature: HSA, or dense causal
+    attention when `runtime_mode` is 1. MST flips the mode where its schedule turns HSA off. The mode reaches a
+    compiled graph as an input (kernels.compile_runtime_modes): on the Triton path the switch compiles nothing."""
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-        return hsa_attention(q, k, v, stride, mode, dropout_p, backend)
+    def __init__(self, stride: int, mode: str = "sparse", backend: str = "auto") -> None:
+        if mode not in MODES:
+            raise ValueError(f"hsa mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if stride < 1:
+            raise ValueError(f"hsa stride must be >= 1, got {stride}")
+        self.stride, self.mode, self.backend = stride, mode, backend
+        self.runtime_mode = 0  # 1 = dense causal attention
 
-    return attend
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+        return hsa_attention(q, k, v, self.stride, self.mode, dropout_p, self.backend, self.runtime_mode)
+
+    def __repr__(self) -> str:
+        causal = ", dense causal" if self.runtime_mode else ""
+        return f"HsaAttention(stride={self.stride}, mode={self.mode!r}, backend={self.backend!r}{causal})"

@@ -17,9 +17,10 @@ the gradients (after backward) and one of the weights (after the optimizer step;
 block default). With granularity 'element' the layers still run as dense GEMMs (the savings are counted in FLOPs, §7,
 not in time); with 'block' they run kernels/block_sparse.py's kernels, which skip the empty blocks, eagerly or inside
 one compiled graph: a topology update rewrites the layers' index tensors in place (no recompile, no CUDA-graph
-re-record), and update steps (dense weight gradients) compile once into a second graph. Block layers above
-block_dense_above run as dense GEMMs (another graph per state, counted by compiled_graphs), and the tied lm_head
-keeps element masks unless block_lm_head.
+re-record). Block layers above block_dense_above run as dense GEMMs, and update steps take dense weight gradients:
+both are runtime modes of the layers' ops (`BlockSparseLinear.runtime_mode`), as is the switch from HSA to dense
+attention (`HsaAttention.runtime_mode`), so the whole schedule runs one compiled graph; CUDA-graph replays record
+one graph per combination of modes. The tied lm_head keeps element masks unless block_lm_head.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import gpt as gpt_module
 from model.flops import FlopProfile, LinearCost, linear_shapes
 from model.gpt import GPTConfig
 from sparsity.base import Method
@@ -447,6 +447,7 @@ class DST(Method):
         zero_pruned = cfg.zero_pruned_moments
         self.zero_pruned = cfg.granularity == "block" if zero_pruned is None else zero_pruned
         self._hsa_on = False
+        self._attention = None  # the blocks' HsaAttention, from the first step with HSA on
 
     # --- setup ---------------------------------------------------------------------------------------------------
 
@@ -572,38 +573,36 @@ class DST(Method):
             self._set_attention(on)
         if self.block_modules:
             update = self.schedule.is_update(step)
-            # The dense gradient scores the update; not paid on other steps. A compiled model guards on the flag:
-            # update steps run a graph of their own, compiled at the first one.
+            # The dense gradient scores the update; not paid on other steps. A runtime mode of the layers' ops:
+            # update steps run the same compiled graph (and, replayed, a CUDA graph of their own).
             for module in self.block_modules.values():
                 module.dense_wgrad = update
 
     def _set_attention(self, on: bool) -> None:
-        if on:
-            from kernels.hsa_attention import make_hsa_attend
+        """HSA on or off: one HsaAttention for every block, whose runtime mode turns it into dense causal attention
+        (a compiled model takes the mode as an input, so the switch compiles nothing on the Triton path)."""
+        if self._attention is None:
+            from kernels.hsa_attention import HsaAttention
 
-            attend = make_hsa_attend(self.cfg.hsa_stride, self.cfg.hsa_mode, self.cfg.hsa_backend)
-        else:
-            attend = gpt_module.causal_attention
-        for block in self.blocks:
-            block.attn.attend = attend
+            self._attention = HsaAttention(self.cfg.hsa_stride, self.cfg.hsa_mode, self.cfg.hsa_backend)
+            for block in self.blocks:
+                block.attn.attend = self._attention
+        self._attention.runtime_mode = 0 if on else 1
         self._hsa_on = on
 
     def phase(self, step: int) -> str:
         return PHASE_NAMES[self.schedule.phase(step)]
 
     def compiled_graphs(self) -> int:
-        """One graph per (layer paths, HSA on, update step) state the schedule passes through: the masks change only
-        at update steps and HSA at its two bounds, so those steps and the ones after them see every state."""
+        """The most graphs a compiled run of this schedule builds: one, and one more at each HSA bound inside the
+        run. Layer paths and update steps are runtime modes of the block-sparse ops, and so is HSA's switch on the
+        Triton path; the reference attention (CPU, other modes, dropout) branches on it in Python, and the first
+        step with HSA on installs its attention in place of the dense one."""
         s, cfg = self.schedule, self.cfg
-        block = any(b > 1 for b in self.tile.values())
-        steps = {0, math.ceil(cfg.hsa_start * s.total), math.ceil(cfg.hsa_end * s.total)}
-        if cfg.delta_t > 0:
-            steps |= {u + k for u in range(cfg.delta_t, s.total, cfg.delta_t) for k in (0, 1)}
-        states = set()
-        for t in sorted(x for x in steps if x < s.total):
-            paths = tuple(self._dense_paths(self._counts(s.mask_sparsity(t))).values()) if block else ()
-            states.add((paths, s.hsa_on(t), block and s.is_update(t)))
-        return len(states)
+        if not any(s.hsa_on(t) for t in {0, math.ceil(cfg.hsa_start * s.total)} if t < s.total):
+            return 1
+        bounds = {math.ceil(cfg.hsa_start * s.total), math.ceil(cfg.hsa_end * s.total)}
+        return 1 + sum(0 < t < s.total for t in bounds)
 
     def flop_profile(self, step: int) -> FlopProfile:
         density = {k: self.n_on[k] / self.units[k] for k in self.modules}

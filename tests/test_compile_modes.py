@@ -30,12 +30,19 @@ CASES = {  # name: (method, overrides)
 }
 
 
-def _losses(root, method: str, mode: str, extra: list[str], scope: str = "model") -> tuple[list[float], torch.Tensor]:
+def _losses(root, method: str, mode: str, extra: list[str], scope: str = "model", graphs: list | None = None
+            ) -> tuple[list[float], torch.Tensor]:  # fmt: skip
+    """Losses and the final lm_head weight of a 10-step compiled run; appends the graphs dynamo built to `graphs`."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     cfg = tiny_config(root, method, ["train.device=cuda", "train.compile=true", f"train.compile_mode={mode}",
                                      f"train.compile_scope={scope}", "train.steps=10", "model.block_size=64", *extra])
     run = setup(cfg)
+    before = counters["stats"]["unique_graphs"]
     losses = [train_step(run, step)[0].item() for step in range(cfg.train.steps)]
+    if graphs is not None:
+        graphs.append(counters["stats"]["unique_graphs"] - before)
     return losses, run.model.lm_head.weight.detach().float().cpu()
 
 
@@ -47,11 +54,14 @@ def _losses(root, method: str, mode: str, extra: list[str], scope: str = "model"
 def test_reduce_overhead_trains_what_default_trains(tmp_path, case, grad_accum):
     method, overrides = CASES[case]
     extra = [*overrides, f"train.grad_accum={grad_accum}"]
-    ref, w_ref = _losses(tmp_path, method, "default", extra)
-    got, w_got = _losses(tmp_path, method, "reduce-overhead", extra)
+    graphs = []
+    ref, w_ref = _losses(tmp_path, method, "default", extra, graphs=graphs)
+    got, w_got = _losses(tmp_path, method, "reduce-overhead", extra, graphs=graphs)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(w_got, w_ref, rtol=1e-2, atol=1e-3)
     assert ref[-1] < ref[0]  # it trained
+    if method == "mst":  # mask updates, layer paths, update steps and HSA's end are runtime modes: one graph
+        assert graphs == [1, 1]
 
 
 def test_reduce_overhead_refused_for_a_method_that_cannot_be_replayed(tmp_path):

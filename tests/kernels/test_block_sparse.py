@@ -46,7 +46,7 @@ def test_reference_is_masked_dense_matmul(block):
     info = build_block_mask_info(mask, block)
     for dense_wgrad in (False, True):
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-        y = block_sparse_linear(xs, ws, bs, info, backend="ref", dense_wgrad=dense_wgrad)
+        y = block_sparse_linear(xs, ws, bs, info, backend="ref", mode=int(dense_wgrad))
         y.backward(dy)
         torch.testing.assert_close(y, want_y)
         torch.testing.assert_close(xs.grad, want_dx)
@@ -309,7 +309,8 @@ def test_fwd_bwd_launches(monkeypatch, w_dtype, wrapper):
 
 
 def test_custom_ops_pass_opcheck():
-    """torch.library's own checks of the forward and backward ops (reference impl; dX and dW, and dW alone): schema
+    """torch.library's own checks of the forward and backward ops (reference impl; dX and dW, and dW alone; each
+    mode): schema
     and fakes against real outputs (shapes, dtypes, strides). The ops have no autograd of their own (an
     autograd.Function ties them together, see `_BlockSparseLinearOps`): the compile tests check its grads against
     eager ones."""
@@ -319,12 +320,13 @@ def test_custom_ops_pass_opcheck():
     dy = torch.randn(10, 96)
     checks = ("test_schema", "test_faketensor")
     mask_args = (info.tensors(), info.grid, 32, "ref")
-    for op, args in [
-        (bs._fwd_op, (x, w, b, *mask_args)),
-        (bs._bwd_op, (dy, x.detach(), w.detach(), *mask_args, torch.float64, False, 1.0, True, True)),
-        (bs._bwd_op, (dy, x.detach(), w.detach(), *mask_args, torch.float64, False, 0.5, False, True)),
-    ]:
-        torch.library.opcheck(op, args, test_utils=checks)
+    for mode in (0, bs.DENSE_WGRAD, bs.DENSE_PATH):
+        for op, args in [
+            (bs._fwd_op, (x, w, b, *mask_args, mode)),
+            (bs._bwd_op, (dy, x.detach(), w.detach(), *mask_args, torch.float64, mode, 1.0, True, True)),
+            (bs._bwd_op, (dy, x.detach(), w.detach(), *mask_args, torch.float64, mode, 0.5, False, True)),
+        ]:
+            torch.library.opcheck(op, args, test_utils=checks)
 
 
 def _counted_compile(module: nn.Module, backend: str = "aot_eager"):
@@ -344,9 +346,10 @@ def _fwd_bwd(fn, x, leaves, dy) -> list[torch.Tensor]:
     return [y.detach(), *(t.grad for t in leaves)]
 
 
-def test_compiled_module_is_one_graph_that_mask_updates_do_not_recompile():
+def test_compiled_module_is_one_graph_that_mask_updates_and_modes_do_not_recompile():
     """fullgraph compile of the module (reference backend, fp32): output and x/W/bias grads equal eager's, and new
-    masks (other block counts, other dW task counts, a single block) run the same graph; dense_wgrad is a second."""
+    masks (other block counts, other dW task counts, a single block) run the same graph; so do dense_wgrad and
+    dense_path, bits of the runtime mode the ops read when they run."""
     torch.manual_seed(0)
     mod = BlockSparseLinear(64, 192, block=32, backend="ref")
     x = torch.randn(2, 5, 64, requires_grad=True)
@@ -362,10 +365,16 @@ def test_compiled_module_is_one_graph_that_mask_updates_do_not_recompile():
             torch.testing.assert_close(got, want)
         assert (mod.weight.grad[expand_block_mask(mask, 32) == 0] == 0).all()
     assert counter.frame_count == 1
-    mod.dense_wgrad = True
-    got = _fwd_bwd(compiled, x, leaves, dy)
-    torch.testing.assert_close(got[2], dy.reshape(-1, 192).t() @ x.detach().reshape(-1, 64))
-    assert counter.frame_count == 2
+    dense_dw = dy.reshape(-1, 192).t() @ x.detach().reshape(-1, 64)
+    for wgrad, dense in [(True, False), (False, True), (True, True), (False, False)]:
+        mod.dense_wgrad, mod.dense_path = wgrad, dense
+        for got, want in zip(_fwd_bwd(compiled, x, leaves, dy), _fwd_bwd(mod, x, leaves, dy), strict=True):
+            torch.testing.assert_close(got, want)
+        if wgrad or dense:
+            torch.testing.assert_close(mod.weight.grad, dense_dw)
+        else:
+            assert (mod.weight.grad[expand_block_mask(masks[-1], 32) == 0] == 0).all()
+    assert counter.frame_count == 1
 
 
 # The Triton kernels in the interpreter. It must be switched on before triton is imported, so this runs in a child

@@ -6,6 +6,7 @@ import torch
 from kernels.hsa_attention import (
     MODES,
     TUNED,
+    HsaAttention,
     HsaConfig,
     Launch,
     config_error,
@@ -16,7 +17,6 @@ from kernels.hsa_attention import (
     hsa_density,
     hsa_forward,
     hsa_mask,
-    make_hsa_attend,
 )
 from model.gpt import GPT, GPTConfig, causal_attention
 from tests.helpers import check_pdl_against_plain
@@ -95,19 +95,58 @@ def test_dispatch_on_cpu():
         hsa_attention(q, k, v, 4, backend="cuda")
 
 
-def test_make_hsa_attend_plugs_into_gpt():
+def test_hsa_attention_module_plugs_into_gpt():
+    """HsaAttention as CausalSelfAttention.attend: stride >= T is dense causal, a short stride is not, and
+    runtime_mode 1 is dense causal again; it adds nothing to the state_dict."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(preset="tiny", block_size=32, vocab_size=64))
+    keys = set(model.state_dict())
     idx = torch.randint(0, 64, (2, 32))
     dense_logits = model(idx, idx)[0]
     for block in model.transformer.h:
-        block.attn.attend = make_hsa_attend(32, "sparse")  # stride >= T keeps every causal pair
+        block.attn.attend = HsaAttention(32, "sparse")  # stride >= T keeps every causal pair
     torch.testing.assert_close(model(idx, idx)[0], dense_logits, atol=1e-5, rtol=1e-5)
+    attend = HsaAttention(4, "sparse")
     for block in model.transformer.h:
-        block.attn.attend = make_hsa_attend(4, "sparse")
+        block.attn.attend = attend
     assert not torch.allclose(model(idx, idx)[0], dense_logits, atol=1e-3)
+    attend.runtime_mode = 1
+    torch.testing.assert_close(model(idx, idx)[0], dense_logits, atol=1e-5, rtol=1e-5)
+    assert set(model.state_dict()) == keys and "dense causal" in repr(attend)
     with pytest.raises(ValueError, match="mode"):
-        make_hsa_attend(4, "bigbird")
+        HsaAttention(4, "bigbird")
+    with pytest.raises(ValueError, match="stride"):
+        HsaAttention(0)
+
+
+@pytest.mark.parametrize("model_layout", [True, False])
+def test_ops_causal_branch_is_dense_causal_sdpa(model_layout):
+    """causal = 1: the HSA ops run dense causal attention (flash; on the CPU its CPU kernel): SDPA's output and
+    gradients, in the layouts the fakes give (what a compiled graph plans with)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels import hsa_attention as hsa
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 40, 3, 4, 16)
+    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
+    if not model_layout:
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    o, lse = hsa._hsa_fwd_op(q, k, v, 8, 1)
+    dout = torch.randn_like(o)
+    grads = hsa._hsa_bwd_op(q, k, v, o, lse, dout, 8, 1)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
+    want.backward(dout)
+    torch.testing.assert_close(o, want, atol=1e-5, rtol=1e-5)
+    for g, leaf in zip(grads, leaves, strict=True):
+        torch.testing.assert_close(g, leaf.grad, atol=1e-5, rtol=1e-5)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+        fo, flse = hsa._hsa_fwd_op(fq, fk, fv, 8, 1)
+        fgrads = hsa._hsa_bwd_op(fq, fk, fv, fo, flse, mode.from_tensor(dout), 8, 1)
+    assert (fo.stride(), flse.stride(), flse.shape) == (o.stride(), lse.stride(), lse.shape)
+    assert [g.stride() for g in fgrads] == [g.stride() for g in grads]
 
 
 @pytest.mark.parametrize("T, stride, hs", [(1024, 64, 64), (2048, 64, 64), (1024, 16, 128), (300, 3, 16), (40, 1, 32)])
@@ -203,14 +242,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
         if not model_layout:
             q, k, v = (x.contiguous() for x in (q, k, v))
-        o, lse = hsa._hsa_fwd_op(q, k, v, 8)
+        o, lse = hsa._hsa_fwd_op(q, k, v, 8, 0)
         dout = torch.randn_like(o)
-        grads = hsa._hsa_bwd_op(q, k, v, o, lse, dout, 8)
+        grads = hsa._hsa_bwd_op(q, k, v, o, lse, dout, 8, 0)
         assert o.transpose(1, 2).is_contiguous() == model_layout and o.is_contiguous() != model_layout
         with FakeTensorMode() as mode:
             fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
-            fo, flse = hsa._hsa_fwd_op(fq, fk, fv, 8)
-            fgrads = hsa._hsa_bwd_op(fq, fk, fv, fo, flse, mode.from_tensor(dout), 8)
+            fo, flse = hsa._hsa_fwd_op(fq, fk, fv, 8, 0)
+            fgrads = hsa._hsa_bwd_op(fq, fk, fv, fo, flse, mode.from_tensor(dout), 8, 0)
         assert (fo.stride(), flse.stride()) == (o.stride(), lse.stride())
         assert [g.stride() for g in fgrads] == [g.stride() for g in grads] == [o.stride()] * 3
 
@@ -240,6 +279,38 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     torch.testing.assert_close(got, want)
     for p, g in zip(model.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+    # HsaAttention switched to dense causal attention (runtime_mode 1) inside that compiled model: the same graph
+    # (the mode is its input), HSA's and then dense causal attention's numbers. (Its Triton path is for 16-bit
+    # dtypes on a GPU; here the interpreter runs it in fp32.)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from kernels import compile_runtime_modes
+    from model.gpt import causal_attention
+    hsa.triton_unsupported = lambda *args: None
+    attend = hsa.HsaAttention(8)
+    torch._dynamo.reset()
+    compile_runtime_modes()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for mode, fn in [(0, lambda q, k, v, dropout_p=0.0: hsa_attention_ref(q, k, v, 8)), (1, causal_attention),
+                     (0, lambda q, k, v, dropout_p=0.0: hsa_attention_ref(q, k, v, 8))]:
+        for block in model.transformer.h:
+            block.attn.attend = fn
+        model.zero_grad(set_to_none=True)
+        want = model(idx, idx)[1]
+        want.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        for block in model.transformer.h:
+            block.attn.attend = attend
+        attend.runtime_mode = mode
+        model.zero_grad(set_to_none=True)
+        got = compiled(idx, idx)[1]
+        got.backward()
+        torch.testing.assert_close(got, want)
+        for p, g in zip(model.parameters(), grads, strict=True):
+            torch.testing.assert_close(p.grad, g)
+    assert counter.frame_count == 1, counter.frame_count
     print("ok")
     """
 )
@@ -307,6 +378,42 @@ def test_programmatic_launches_match_plain_ones_bit_for_bit(T, stride):
         return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
 
     check_pdl_against_plain(hsa, call, lambda got, want: torch.testing.assert_close(got, want, atol=0, rtol=0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_layout", [True, False])
+def test_causal_mode_is_dense_causal_attention_on_gpu(model_layout):
+    """causal = 1 (HsaAttention.runtime_mode, MST's attention after HSA ends): the ops run flash attention's own
+    kernels, within the error of SDPA's causal attention in bf16 against fp32, in the layouts the fakes promise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels import hsa_attention as hsa
+
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 1024, 3, 12, 64, generator=gen).cuda().bfloat16()
+    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
+    if not model_layout:
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    dout = torch.randn(2, 12, 1024, 64, generator=gen).cuda().bfloat16()
+    out = hsa_attention_triton(q, k, v, 64, 1)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    fp32 = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = causal_attention(*fp32)
+    ref_grads = torch.autograd.grad(ref, fp32, dout.float())
+    low = causal_attention(q, k, v)
+    low_grads = torch.autograd.grad(low, (q, k, v), dout)
+    assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3
+    for name, g, g_low, g_ref in zip("qkv", grads, low_grads, ref_grads):
+        assert _max_err(g, g_ref) <= 2 * _max_err(g_low, g_ref) + 1e-3, f"d{name}"
+    o, lse = hsa._hsa_fwd_op(q.detach(), k.detach(), v.detach(), 64, 1)
+    dq = hsa._hsa_bwd_op(q.detach(), k.detach(), v.detach(), o, lse, dout, 64, 1)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fq, fk, fv = (mode.from_tensor(x.detach()) for x in (q, k, v))
+        fo, flse = hsa._hsa_fwd_op(fq, fk, fv, 64, 1)
+        fgrads = hsa._hsa_bwd_op(fq, fk, fv, fo, flse, mode.from_tensor(dout), 64, 1)
+    assert (fo.stride(), flse.stride(), flse.shape) == (o.stride(), lse.stride(), lse.shape)
+    assert [g.stride() for g in fgrads] == [g.stride() for g in dq]
 
 
 @pytest.mark.gpu
