@@ -155,6 +155,10 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
         scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"][0])
 
+    if t.prewarm_kernels and device.type == "cuda" and dist.local_rank == 0:  # one GPU's children fill the cache
+        from kernels import prewarm
+
+        prewarm.spawn(method.kernel_warmups(t.batch_size, cfg.model.block_size), device)
     train_model = model
     if t.compile and device.type == "cuda":
         # dynamo's default limit (8 graphs a frame) would run the rest of a long MST-block run eagerly

@@ -67,6 +67,9 @@ class TrainConfig:
     """model (one torch.compile of the whole model) | blocks (each transformer block and the head compiled as its
     own region: the blocks share one compiled code, so a cold compile, and each recompile a method's schedule
     causes, covers one block instead of all of them)."""
+    prewarm_kernels: bool = True
+    """CUDA: compile the method's Triton kernels in child processes while the run compiles its model (ours; a cold
+    Triton cache cost a block-MST run ~32 s in its first block-sparse steps). Results are the same either way."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     init_from: str = ""

@@ -80,9 +80,14 @@ class Method:
 
     def compiled_graphs(self) -> int:
         """The most graphs a compiled run of this method may build over its schedule: each state of the attributes
-        the compiled model reads (a layer's kernel path, the attention kind, update steps) is a graph of its own.
+        the compiled model reads is a graph of its own (`runtime_mode` attributes excepted: kernels/__init__.py).
         The trainer raises dynamo's recompile limit to it, so a long run never falls back to eager midway."""
         return 1
+
+    def kernel_warmups(self, batch_size: int, seq_len: int) -> list[dict[str, Any]]:
+        """The Triton kernels this method's model will launch, as kernels.prewarm specs, for child processes to
+        compile while the run compiles its model (CUDA only)."""
+        return []
 
     def eval_mode(self, model: nn.Module) -> nn.Module:
         """The module to use for validation and sampling (SAT evaluates dense; masks stay applied for MST)."""

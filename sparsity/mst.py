@@ -604,6 +604,26 @@ class DST(Method):
         bounds = {math.ceil(cfg.hsa_start * s.total), math.ceil(cfg.hsa_end * s.total)}
         return 1 + sum(0 < t < s.total for t in bounds)
 
+    def kernel_warmups(self, batch_size: int, seq_len: int) -> list[dict[str, Any]]:
+        """Each block layer's kernels at its sparse-phase block count (the kernels' variants depend on the layer's
+        shape and dw_density, not on its mask), where that runs the block kernels; HSA's if it is ever on."""
+        specs = []
+        target = self._counts(self.cfg.sparsity)
+        for name, module in self.block_modules.items():
+            if target[name] / self.units[name] > self.cfg.block_dense_above:
+                continue  # a dense GEMM even at the peak sparsity
+            out, inp = self.shapes[name]
+            specs.append({"kind": "block_sparse", "out": out, "in": inp, "block": self.tile[name],
+                          "blocks": target[name], "dw_density": module.dw_density, "tokens": batch_size * seq_len,
+                          "bias": module.bias is not None})  # fmt: skip
+        s = self.schedule
+        hsa_ever = any(s.hsa_on(t) for t in {0, math.ceil(self.cfg.hsa_start * s.total)} if t < s.total)
+        if hsa_ever and self.cfg.hsa_mode == "sparse" and self.cfg.hsa_backend != "ref":
+            m = self.model_cfg
+            specs.append({"kind": "hsa", "batch": batch_size, "heads": m.n_head, "T": seq_len,
+                          "head_dim": m.n_embd // m.n_head, "stride": self.cfg.hsa_stride})  # fmt: skip
+        return specs
+
     def flop_profile(self, step: int) -> FlopProfile:
         density = {k: self.n_on[k] / self.units[k] for k in self.modules}
         return _profile(density, self.schedule.is_update(step), self._attn_density())

@@ -631,6 +631,34 @@ def test_block_grads_are_zero_off_the_mask_without_a_masking_pass():
     train(model, method, opt, 0, 6, check=check)
 
 
+def test_kernel_warmups_list_the_block_layers_and_hsa_a_run_launches():
+    """One block_sparse spec per layer that runs the block kernels at the peak sparsity (its block count there, its
+    dW split density, the run's tokens), none for a layer dense even then, and HSA's kernels when HSA is ever on."""
+    from kernels import prewarm
+
+    cfg = MSTConfig(granularity="block", block_size=32, delta_t=2, warmup_frac=0.4, hsa_stride=4)
+    model, method, _ = build(MST, cfg, 10)
+    specs = method.kernel_warmups(4, 16)
+    target = method._counts(cfg.sparsity)
+    sparse = {k for k in method.block_modules if target[k] / method.units[k] <= cfg.block_dense_above}
+    blocks = [s for s in specs if s["kind"] == "block_sparse"]
+    names = [k for k in method.block_modules if k in sparse]
+    assert names and len(blocks) == len(names)
+    for spec, name in zip(blocks, names, strict=True):
+        assert (spec["out"], spec["in"]) == method.shapes[name] and spec["blocks"] == target[name]
+        assert spec["dw_density"] == method.block_modules[name].dw_density and spec["tokens"] == 64
+    hsa = [s for s in specs if s["kind"] == "hsa"]
+    assert hsa == [{"kind": "hsa", "batch": 4, "heads": 2, "T": 16, "head_dim": 32, "stride": 4}]
+    for spec in specs:
+        prewarm.check(spec)
+    dense_top = MST(MSTConfig(granularity="block", block_size=32, block_dense_above=0.0, **NO_HSA), TINY, 10)
+    dense_top.attach(GPT(TINY))
+    assert dense_top.kernel_warmups(4, 16) == []
+    element = MST(MSTConfig(**NO_HSA), TINY, 10)
+    element.attach(GPT(TINY))
+    assert element.kernel_warmups(4, 16) == []
+
+
 @pytest.mark.slow  # two compiles with aot_eager
 def test_compiled_graphs_bounds_what_a_compiled_run_builds():
     """The trainer raises dynamo's recompile limit to Method.compiled_graphs(): it must be at least the number of
