@@ -1154,6 +1154,18 @@ def block_sparse_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _mode_flag(bit: int) -> property:
+    """A bool attribute that is one bit of the module's `runtime_mode`."""
+
+    def get(self) -> bool:
+        return bool(self.runtime_mode & bit)
+
+    def set_(self, on: bool) -> None:
+        self.runtime_mode = self.runtime_mode | bit if on else self.runtime_mode & ~bit
+
+    return property(get, set_)
+
+
 class BlockSparseLinear(nn.Linear):
     """nn.Linear whose weight is used only on the nonzero blocks of a block mask (state_dict keys unchanged).
 
@@ -1221,21 +1233,8 @@ class BlockSparseLinear(nn.Linear):
             self._info = build_block_mask_info(self.block_mask, self.block, self.weight.device)
         return self._info
 
-    @property
-    def dense_wgrad(self) -> bool:
-        return bool(self.runtime_mode & DENSE_WGRAD)
-
-    @dense_wgrad.setter
-    def dense_wgrad(self, on: bool) -> None:
-        self.runtime_mode = self.runtime_mode | DENSE_WGRAD if on else self.runtime_mode & ~DENSE_WGRAD
-
-    @property
-    def dense_path(self) -> bool:
-        return bool(self.runtime_mode & DENSE_PATH)
-
-    @dense_path.setter
-    def dense_path(self, on: bool) -> None:
-        self.runtime_mode = self.runtime_mode | DENSE_PATH if on else self.runtime_mode & ~DENSE_PATH
+    dense_wgrad = _mode_flag(DENSE_WGRAD)
+    dense_path = _mode_flag(DENSE_PATH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_sparse_linear(x, self.weight, self.bias, self.block_mask_info(), self.backend, self.runtime_mode,
