@@ -593,13 +593,18 @@ class DST(Method):
     def phase(self, step: int) -> str:
         return PHASE_NAMES[self.schedule.phase(step)]
 
+    def _hsa_ever(self) -> bool:
+        """Whether HSA is on at some step of the run (its window starts at step 0 or at hsa_start)."""
+        s = self.schedule
+        return any(s.hsa_on(t) for t in {0, math.ceil(self.cfg.hsa_start * s.total)} if t < s.total)
+
     def compiled_graphs(self) -> int:
         """The most graphs a compiled run of this schedule builds: one, and one more at each HSA bound inside the
         run. Layer paths and update steps are runtime modes of the block-sparse ops, and so is HSA's switch on the
         Triton path; the reference attention (CPU, other modes, dropout) branches on it in Python, and the first
         step with HSA on installs its attention in place of the dense one."""
         s, cfg = self.schedule, self.cfg
-        if not any(s.hsa_on(t) for t in {0, math.ceil(cfg.hsa_start * s.total)} if t < s.total):
+        if not self._hsa_ever():
             return 1
         bounds = {math.ceil(cfg.hsa_start * s.total), math.ceil(cfg.hsa_end * s.total)}
         return 1 + sum(0 < t < s.total for t in bounds)
@@ -616,9 +621,7 @@ class DST(Method):
             specs.append({"kind": "block_sparse", "out": out, "in": inp, "block": self.tile[name],
                           "blocks": target[name], "dw_density": module.dw_density, "tokens": batch_size * seq_len,
                           "bias": module.bias is not None})  # fmt: skip
-        s = self.schedule
-        hsa_ever = any(s.hsa_on(t) for t in {0, math.ceil(self.cfg.hsa_start * s.total)} if t < s.total)
-        if hsa_ever and self.cfg.hsa_mode == "sparse" and self.cfg.hsa_backend != "ref":
+        if self._hsa_ever() and self.cfg.hsa_mode == "sparse" and self.cfg.hsa_backend != "ref":
             m = self.model_cfg
             specs.append({"kind": "hsa", "batch": batch_size, "heads": m.n_head, "T": seq_len,
                           "head_dim": m.n_embd // m.n_head, "stride": self.cfg.hsa_stride})  # fmt: skip
