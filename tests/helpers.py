@@ -103,3 +103,34 @@ def check_pdl_against_plain(module, call, compare) -> None:
                     compare(g, ref)
     finally:
         module.USE_PDL = old
+
+
+def attention_qkv(shape: tuple[int, int, int, int], model_layout: bool, **like):
+    """(q, k, v) of shape (B, nh, T, hs): strided views of one (B, T, 3, nh, hs) tensor, as the model's c_attn split
+    makes them, or contiguous copies. `like`: a generator, and the device and dtype to move to."""
+    import torch
+
+    B, H, T, D = shape
+    gen = like.pop("generator", None)
+    qkv = torch.randn(B, T, 3, H, D, generator=gen).to(**like)
+    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
+    return (q, k, v) if model_layout else tuple(x.contiguous() for x in (q, k, v))
+
+
+def check_hsa_op_layouts(q, k, v, dout, stride: int, causal: int):
+    """The HSA ops' real outputs against their fakes (what torch.compile plans with): the same shapes and strides.
+    Returns the real (o, lse, (dq, dk, dv))."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels import hsa_attention as hsa
+
+    q, k, v = (x.detach() for x in (q, k, v))
+    o, lse = hsa._hsa_fwd_op(q, k, v, stride, causal)
+    grads = hsa._hsa_bwd_op(q, k, v, o, lse, dout, stride, causal)
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+        fo, flse = hsa._hsa_fwd_op(fq, fk, fv, stride, causal)
+        fgrads = hsa._hsa_bwd_op(fq, fk, fv, fo, flse, mode.from_tensor(dout), stride, causal)
+    assert (fo.shape, fo.stride(), flse.shape, flse.stride()) == (o.shape, o.stride(), lse.shape, lse.stride())
+    assert [(g.shape, g.stride()) for g in fgrads] == [(g.shape, g.stride()) for g in grads]
+    return o, lse, grads

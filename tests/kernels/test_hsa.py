@@ -19,7 +19,7 @@ from kernels.hsa_attention import (
     hsa_mask,
 )
 from model.gpt import GPT, GPTConfig, causal_attention
-from tests.helpers import check_pdl_against_plain
+from tests.helpers import attention_qkv, check_hsa_op_layouts, check_pdl_against_plain
 from tests.interpreted import check_interpreted
 
 
@@ -123,30 +123,16 @@ def test_hsa_attention_module_plugs_into_gpt():
 def test_ops_causal_branch_is_dense_causal_sdpa(model_layout):
     """causal = 1: the HSA ops run dense causal attention (flash; on the CPU its CPU kernel): SDPA's output and
     gradients, in the layouts the fakes give (what a compiled graph plans with)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from kernels import hsa_attention as hsa
-
     torch.manual_seed(0)
-    qkv = torch.randn(2, 40, 3, 4, 16)
-    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
-    if not model_layout:
-        q, k, v = (x.contiguous() for x in (q, k, v))
-    o, lse = hsa._hsa_fwd_op(q, k, v, 8, 1)
-    dout = torch.randn_like(o)
-    grads = hsa._hsa_bwd_op(q, k, v, o, lse, dout, 8, 1)
+    q, k, v = attention_qkv((2, 4, 40, 16), model_layout)
+    dout = torch.randn(2, 4, 40, 16)
+    o, _, grads = check_hsa_op_layouts(q, k, v, dout, 8, 1)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     want = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
     want.backward(dout)
     torch.testing.assert_close(o, want, atol=1e-5, rtol=1e-5)
     for g, leaf in zip(grads, leaves, strict=True):
         torch.testing.assert_close(g, leaf.grad, atol=1e-5, rtol=1e-5)
-    with FakeTensorMode() as mode:
-        fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
-        fo, flse = hsa._hsa_fwd_op(fq, fk, fv, 8, 1)
-        fgrads = hsa._hsa_bwd_op(fq, fk, fv, fo, flse, mode.from_tensor(dout), 8, 1)
-    assert (fo.stride(), flse.stride(), flse.shape) == (o.stride(), lse.stride(), lse.shape)
-    assert [g.stride() for g in fgrads] == [g.stride() for g in grads]
 
 
 @pytest.mark.parametrize("T, stride, hs", [(1024, 64, 64), (2048, 64, 64), (1024, 16, 128), (300, 3, 16), (40, 1, 32)])
@@ -236,22 +222,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 
     # Output and gradient layouts: (B, T, nh, hs) for the model's q (no copy before c_proj), contiguous otherwise;
     # the fake ops (what torch.compile plans with) give the same strides as the kernels.
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from tests.helpers import attention_qkv, check_hsa_op_layouts
     for model_layout in (True, False):
-        qkv = torch.randn(2, 40, 3, 4, 16)
-        q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
-        if not model_layout:
-            q, k, v = (x.contiguous() for x in (q, k, v))
-        o, lse = hsa._hsa_fwd_op(q, k, v, 8, 0)
-        dout = torch.randn_like(o)
-        grads = hsa._hsa_bwd_op(q, k, v, o, lse, dout, 8, 0)
+        q, k, v = attention_qkv((2, 4, 40, 16), model_layout)
+        o, lse, grads = check_hsa_op_layouts(q, k, v, torch.randn(2, 4, 40, 16), 8, 0)
         assert o.transpose(1, 2).is_contiguous() == model_layout and o.is_contiguous() != model_layout
-        with FakeTensorMode() as mode:
-            fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
-            fo, flse = hsa._hsa_fwd_op(fq, fk, fv, 8, 0)
-            fgrads = hsa._hsa_bwd_op(fq, fk, fv, fo, flse, mode.from_tensor(dout), 8, 0)
-        assert (fo.stride(), flse.stride()) == (o.stride(), lse.stride())
-        assert [g.stride() for g in fgrads] == [g.stride() for g in grads] == [o.stride()] * 3
+        assert [g.stride() for g in grads] == [o.stride()] * 3
 
     # One tensor as q, k and v (dynamo refuses it twice in one autograd.Function), eager and compiled.
     x = torch.randn(1, 2, 40, 16, requires_grad=True)
@@ -385,15 +361,8 @@ def test_programmatic_launches_match_plain_ones_bit_for_bit(T, stride):
 def test_causal_mode_is_dense_causal_attention_on_gpu(model_layout):
     """causal = 1 (HsaAttention.runtime_mode, MST's attention after HSA ends): the ops run flash attention's own
     kernels, within the error of SDPA's causal attention in bf16 against fp32, in the layouts the fakes promise."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from kernels import hsa_attention as hsa
-
     gen = torch.Generator().manual_seed(4)
-    qkv = torch.randn(2, 1024, 3, 12, 64, generator=gen).cuda().bfloat16()
-    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
-    if not model_layout:
-        q, k, v = (x.contiguous() for x in (q, k, v))
+    q, k, v = attention_qkv((2, 12, 1024, 64), model_layout, generator=gen, device="cuda", dtype=torch.bfloat16)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     dout = torch.randn(2, 12, 1024, 64, generator=gen).cuda().bfloat16()
     out = hsa_attention_triton(q, k, v, 64, 1)
@@ -406,14 +375,7 @@ def test_causal_mode_is_dense_causal_attention_on_gpu(model_layout):
     assert _max_err(out, ref) <= 2 * _max_err(low, ref) + 1e-3
     for name, g, g_low, g_ref in zip("qkv", grads, low_grads, ref_grads):
         assert _max_err(g, g_ref) <= 2 * _max_err(g_low, g_ref) + 1e-3, f"d{name}"
-    o, lse = hsa._hsa_fwd_op(q.detach(), k.detach(), v.detach(), 64, 1)
-    dq = hsa._hsa_bwd_op(q.detach(), k.detach(), v.detach(), o, lse, dout, 64, 1)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fq, fk, fv = (mode.from_tensor(x.detach()) for x in (q, k, v))
-        fo, flse = hsa._hsa_fwd_op(fq, fk, fv, 64, 1)
-        fgrads = hsa._hsa_bwd_op(fq, fk, fv, fo, flse, mode.from_tensor(dout), 64, 1)
-    assert (fo.stride(), flse.stride(), flse.shape) == (o.stride(), lse.stride(), lse.shape)
-    assert [g.stride() for g in fgrads] == [g.stride() for g in dq]
+    check_hsa_op_layouts(q, k, v, dout, 64, 1)
 
 
 @pytest.mark.gpu
