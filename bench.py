@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.config import ConfigError, load_config
+from kernels import AUTOTUNE
 from model.flops import dense_flops_per_token, peak_flops
 from sparsity import REGISTRY
 from train import Run, TrainError, setup, train_step
@@ -149,6 +150,7 @@ def time_whole_run(cfg) -> dict:
     run = fresh_run(cfg)
     cuda = run.device.type == "cuda"
     n = cfg.train.steps
+    tuned = dict(AUTOTUNE)
     marks, compiled, phases, flops = [], [], [], []
     clock = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else time.perf_counter
 
@@ -197,6 +199,8 @@ def time_whole_run(cfg) -> dict:
         "per_phase": per_phase,
         "step_ms": [round(t, 3) for t in ms],  # as run, compile steps included (warm: `warmup_steps`)
         "warm_steps": [i for i, w in enumerate(warm) if w],
+        # autotune keys this run timed itself, and those whose pick came from disk (kernels/autotune.py)
+        "autotune": {k: AUTOTUNE[k] - tuned.get(k, 0) for k in ("timed", "from_disk")},
     }
     del run
     if cuda:
@@ -265,11 +269,13 @@ def markdown(rows: list[dict], command: str) -> str:
     if whole:
         lines += ["", "Whole run (every step of the schedule; steady = compile and graph-recording steps at their "
                   "neighbours' median):", "", "| method | steps | wall s (x dense) | steady s (x dense) | graphs | "
-                  "per phase: steps, steady s |", "|---|---|---|---|---|---|"]
+                  "autotune keys timed / from disk | per phase: steps, steady s |", "|---|---|---|---|---|---|---|"]
         for r in whole:
             phases = "; ".join(f"{p} {d['steps']}, {d['steady_s']:.1f}" for p, d in r["per_phase"].items())
+            tuned = r.get("autotune", {})
             lines.append(f"| {r['method']} | {r['steps']} | {r['wall_s']:.1f} ({r.get('wall_speedup') or 0:.2f}x) | "
-                         f"{r['steady_s']:.1f} ({r['speedup'] or 0:.2f}x) | {r['graphs']} | {phases} |")
+                         f"{r['steady_s']:.1f} ({r['speedup'] or 0:.2f}x) | {r['graphs']} | "
+                         f"{tuned.get('timed', 0)} / {tuned.get('from_disk', 0)} | {phases} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,12 +7,16 @@ cannot run raises with the reason (never a silent fallback).
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+# Autotune keys this process timed itself, and those it took from another process's pick (kernels/autotune.py).
+AUTOTUNE: collections.Counter[str] = collections.Counter()
 
 
 def triton_available() -> bool:

@@ -62,6 +62,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import define_op, launch_pdl, pdl_capable, select, triton_available
+from kernels.autotune import autotune
 
 BLOCK_SIZES = (32, 64, 128)
 DENSE_WGRAD, DENSE_PATH = 1, 2  # bits of a call's mode: the dense dW; every GEMM dense (cuBLAS, W as it is)
@@ -454,7 +455,7 @@ _DW_ALIGN = 64  # split-K chunks are a multiple of every BK
 TMA_DW_GROUPS = (2, 4)
 
 
-@triton.autotune(
+@autotune(
     configs=_MM_CONFIGS,
     key=["M", "NJ", "B", "W_T", "NNZ_LOG2"],
     prune_configs_by={"early_config_prune": _prune_mm},
@@ -537,7 +538,7 @@ def _pack_kernel(w_ptr, out_ptr, rows_ptr, cols_ptr, block_id_ptr, C, stride_w0,
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=inb)  # round-to-nearest-even, as torch casts
 
 
-@triton.autotune(
+@autotune(
     configs=_DW_CONFIGS,
     key=["M", "B", "N_TASKS_LOG2", "BY_ROW", "FULL", "ATOMIC"],
     reset_to_zero=["out_ptr"],  # split-K accumulates with atomics, so benchmarking runs must start from zero
@@ -618,7 +619,7 @@ def _set_dw_boxes(nargs: dict) -> None:
     nargs["x_desc"].block_shape = [bk, b]
 
 
-@triton.autotune(
+@autotune(
     configs=_configs(("BK",), DW_TILES, _set_dw_boxes),
     key=["M", "B", "G", "N_TASKS_LOG2", "BY_ROW", "FULL", "ATOMIC"],
     reset_to_zero=["out_ptr"],

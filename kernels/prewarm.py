@@ -5,8 +5,9 @@ over several configs (each one compiled): on an H200 the first step with block-s
 124M block-MST run, the next new shapes 5.7 s more (`results/raw/h200-runtime-modes-s31.json`). The kernels land in
 Triton's on-disk cache, so a child process that runs each layer's fwd+bwd once, on the same GPU with the run's
 shapes, leaves them there for the run to load. The run compiles nothing twice that a child finished first, and a
-kernel the run reaches first it compiles itself: the same binary, so results are unchanged. (Autotuning still
-times its configs in the run: it does not cache the block-sparse picks on disk, since their configs carry hooks.)
+kernel the run reaches first it compiles itself: the same binary, so results are unchanged. The children's
+autotune picks land on the disk too (`kernels/autotune.py`): the run takes them instead of timing the configs
+again, and waits for a child still timing a key it reaches rather than timing it beside it.
 
 A method lists what its model will launch (`Method.kernel_warmups`); `spawn` starts one child per list item.
 

@@ -65,6 +65,7 @@ def test_bench_whole_run_times_every_step_by_phase(tmp_path):
     assert {p: d["steps"] for p, d in mst["per_phase"].items()} == {"warmup": 3, "sparse": 24, "restore": 3}
     for r in rows.values():
         assert len(r["step_ms"]) == 30 and r["graphs"] == 0 and r["warm_steps"] == []  # eager on the CPU
+        assert r["autotune"] == {"timed": 0, "from_disk": 0}  # the reference kernels: nothing to tune
         assert r["steady_s"] == pytest.approx(r["wall_s"]) == pytest.approx(sum(r["step_ms"]) / 1e3, rel=1e-3)
         assert r["wall_speedup"] == pytest.approx(dense["wall_s"] / r["wall_s"])
     assert 0.1 < mst["flops_ratio"] < 0.5  # dense start and restoration end, ultra-sparse between

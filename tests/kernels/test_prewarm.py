@@ -1,6 +1,7 @@
 """kernels/prewarm.py: specs, the child processes' command line, and one spec of each kind run in the interpreter."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -70,3 +71,35 @@ _INTERPRETED = textwrap.dedent(
 def test_each_kind_runs_its_kernels_in_the_interpreter():
     pytest.importorskip("triton")
     check_interpreted(_INTERPRETED)
+
+
+_TAKES_PICKS = textwrap.dedent(
+    """
+    import json, sys
+    from triton.runtime.autotuner import Autotuner
+    from kernels import block_sparse as bs, prewarm
+
+    def no_timing(self, *args, **kwargs):
+        raise AssertionError(f"{self.base_fn.__name__} timed configs another process had picked")
+
+    Autotuner._bench = no_timing
+    prewarm.run(json.loads(sys.argv[1]), "cuda")
+    tuners = (bs._bsr_mm_kernel, bs._sddmm_kernel, bs._sddmm_tma_kernel)
+    print(json.dumps({t.base_fn.__name__: len(t.cache) for t in tuners}))
+    """
+)
+
+
+@pytest.mark.gpu
+def test_a_later_process_takes_the_prewarm_childs_autotune_picks(tmp_path):
+    """The run after a prewarm child times nothing: the child's picks come from the disk (kernels/autotune.py)."""
+    spec = {"kind": "block_sparse", "out": 3072, "in": 768, "block": 64, "blocks": 58, "dw_density": 0.1,
+            "tokens": 16384}  # fmt: skip
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-m", "kernels.prewarm", json.dumps(spec)], cwd=ROOT, env=env, check=True)
+    proc = subprocess.run([sys.executable, "-c", _TAKES_PICKS, json.dumps(spec)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tuned = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert tuned["_bsr_mm_kernel"] == 2  # forward and dX, each from the disk
+    assert tuned["_sddmm_kernel"] + tuned["_sddmm_tma_kernel"] == 1
