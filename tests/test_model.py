@@ -26,6 +26,7 @@ def test_forward_shapes_and_initial_loss():
     x, y = torch.randint(0, 256, (2, 3, 16))
     logits, loss = model(x, y)
     assert logits.shape == (3, 16, 256)
+    assert loss.requires_grad and not logits.requires_grad  # no zero gradient of the logits in backward
     assert loss.item() == pytest.approx(math.log(256), rel=0.05)  # near-uniform predictions at init
     logits, loss = model(x)
     assert logits.shape == (3, 1, 256) and loss is None
