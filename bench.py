@@ -150,7 +150,7 @@ def time_whole_run(cfg) -> dict:
     run = fresh_run(cfg)
     cuda = run.device.type == "cuda"
     n = cfg.train.steps
-    tuned = dict(AUTOTUNE)
+    tuned = AUTOTUNE.copy()
     marks, compiled, phases, flops = [], [], [], []
     clock = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else time.perf_counter
 
@@ -200,7 +200,7 @@ def time_whole_run(cfg) -> dict:
         "step_ms": [round(t, 3) for t in ms],  # as run, compile steps included (warm: `warmup_steps`)
         "warm_steps": [i for i, w in enumerate(warm) if w],
         # autotune keys this run timed itself, and those whose pick came from disk (kernels/autotune.py)
-        "autotune": {k: AUTOTUNE[k] - tuned.get(k, 0) for k in ("timed", "from_disk")},
+        "autotune": {k: AUTOTUNE[k] - tuned[k] for k in ("timed", "from_disk")},
     }
     del run
     if cuda:
