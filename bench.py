@@ -34,6 +34,7 @@ from core.config import ConfigError, load_config
 from kernels import AUTOTUNE
 from model.flops import dense_flops_per_token, peak_flops
 from sparsity import REGISTRY
+from tools.gpu_monitor import GpuMonitor
 from train import Run, TrainError, setup, train_step
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -256,6 +257,13 @@ def write_results(rows: list[dict], out: Path, stamp: str, command: str, config,
     return ok, json_path
 
 
+def gpu_cell(row: dict) -> str:
+    """'1980, 612' (median SM clock and board power while the row ran), or '–' where nothing was sampled."""
+    gpu = row.get("gpu") or {}
+    clock, power = gpu.get("clocks.sm"), gpu.get("power.draw")
+    return f"{clock['median']:.0f}, {power['median']:.0f}" if clock and power else "–"
+
+
 def markdown(rows: list[dict], command: str) -> str:
     lines = [f"`{command}`", "", "| method | ms/step (p10–p90) | tok/s | speedup | dense-eq. MFU | FLOPs/token "
              "(ratio) | peak mem GB |", "|---|---|---|---|---|---|---|"]
@@ -269,13 +277,14 @@ def markdown(rows: list[dict], command: str) -> str:
     if whole:
         lines += ["", "Whole run (every step of the schedule; steady = compile and graph-recording steps at their "
                   "neighbours' median):", "", "| method | steps | wall s (x dense) | steady s (x dense) | graphs | "
-                  "autotune keys timed / from disk | per phase: steps, steady s |", "|---|---|---|---|---|---|---|"]
+                  "autotune keys timed / from disk | per phase: steps, steady s | SM MHz, W (median) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in whole:
             phases = "; ".join(f"{p} {d['steps']}, {d['steady_s']:.1f}" for p, d in r["per_phase"].items())
             tuned = r.get("autotune", {})
             lines.append(f"| {r['method']} | {r['steps']} | {r['wall_s']:.1f} ({r.get('wall_speedup') or 0:.2f}x) | "
                          f"{r['steady_s']:.1f} ({r['speedup'] or 0:.2f}x) | {r['graphs']} | "
-                         f"{tuned.get('timed', 0)} / {tuned.get('from_disk', 0)} | {phases} |")
+                         f"{tuned.get('timed', 0)} / {tuned.get('from_disk', 0)} | {phases} | {gpu_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,9 +319,12 @@ def main(
     for label, cfg in zip(labels, cfgs, strict=True):
         what = f"all {cfg.train.steps} steps" if whole_run else f"{warmup} warm-up + {steps} timed steps"
         console.print(f"[bold]{label}[/bold]: {what}")
+        # what the GPU ran at (clocks, power, temperature): a long dense run can hit the power limit
+        monitor = GpuMonitor(torch.cuda.current_device()) if torch.cuda.is_available() else GpuMonitor(exe="")
         try:
-            rows.append(time_whole_run(cfg) if whole_run else time_method(cfg, steps, warmup, at))
-            rows[-1]["method"] = label
+            with monitor:
+                rows.append(time_whole_run(cfg) if whole_run else time_method(cfg, steps, warmup, at))
+            rows[-1] |= {"method": label, "gpu": monitor.summary()}
         except Exception as e:  # noqa: BLE001 (one broken method must not lose the others)
             console.print(f"[red]{label} failed:[/red] {type(e).__name__}: {e}")
             rows.append({"method": label, "error": f"{type(e).__name__}: {e}"})

@@ -63,6 +63,33 @@ def random_block_mask(rows: int, cols: int, sparsity: float, gen: torch.Generato
     return mask.view(rows, cols)
 
 
+def floor_bytes(mask: torch.Tensor, block: int, tokens: int, amp: bool) -> dict[str, int]:
+    """The HBM bytes each kernel of a block-sparse fwd+bwd moves at least, every input read once and every output
+    written once (bf16 activations; W in bf16, or fp32 masters under autocast): pack reads the used blocks and
+    writes them in bf16; the forward reads X's used column blocks and writes all of Y (the empty rows' zeros too);
+    dX reads dY's used row blocks and writes all of dX; dW reads both and writes the full-size dW (zeros on empty
+    blocks). Rows / columns of W without a block need none of their X or dY slice."""
+    rows, cols = mask.shape
+    nnz = int(mask.sum())
+    rows_used, cols_used = int(mask.any(1).sum()), int(mask.any(0).sum())
+    w_elt = 4 if amp else 2
+    x_used, dy_used = tokens * cols_used * block * 2, tokens * rows_used * block * 2
+    packed = nnz * block * block * 2
+    per = {"pack": nnz * block * block * w_elt + packed,
+           "fwd": x_used + packed + tokens * rows * block * 2,
+           "dx": dy_used + packed + tokens * cols * block * 2,
+           "dw": dy_used + x_used + rows * cols * block * block * w_elt}  # fmt: skip
+    return per | {"total": sum(per.values())}
+
+
+def copy_gb_s(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """A device-to-device copy's speed (bytes read plus written per second): the bandwidth the floors are timed at."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), 3, reps, False)
+    return 2 * a.numel() / ms / 1e6
+
+
 def check(x, w, dy, info) -> dict[str, float]:
     """Max relative error of the Triton fwd / dX / dW against the fp32 reference."""
     xf, wf, dyf = x.float(), w.float(), dy.float()
@@ -134,8 +161,10 @@ def bench_shape(
     mode: str = "eager",
     sync_each: bool = False,
     dev: str = "cuda",
+    copy_speed: float | None = None,
 ) -> list[dict]:
-    """The rows of one nn.Linear(in_f, out_f) shape in one mode (the per-GEMM rows only in eager mode)."""
+    """The rows of one nn.Linear(in_f, out_f) shape in one mode (the per-GEMM rows only in eager mode); with
+    copy_speed (GB/s), each block-sparse fwd+bwd row also says how fast its floor_bytes would go at that speed."""
     rows = []
     name = f"{in_f}x{out_f}"
     gen = torch.Generator().manual_seed(0)
@@ -143,11 +172,18 @@ def bench_shape(
     xd, wd = x.detach(), w.detach()
     dense_flops = 2 * m * in_f * out_f  # per GEMM
 
-    def record(variant: str, sparsity, block, make, dense_ms, flops, err=None, grads_err=None) -> float | None:
-        """Time make()'s call (made inside the row's try: a capture can fail) and append the row; its ms."""
+    def record(variant: str, sparsity, block, make, dense_ms, flops, err=None, grads_err=None,
+               floor=None) -> float | None:
+        """Time make()'s call (made inside the row's try: a capture can fail) and append the row; its ms. `floor`:
+        the call's floor_bytes total, timed at copy speed where the run measured it."""
         row = {"shape": name, "in": in_f, "out": out_f, "tokens": m, "variant": variant, "mode": mode,
                "sparsity": sparsity, "block": block, "ms": None, "host_ms": None, "dense_ms": dense_ms,
                "speedup": None, "tflops": None, "max_rel_err": err, "error": None}  # fmt: skip
+        if floor is not None:
+            row["floor_mb"] = floor / 1e6
+            if copy_speed:  # the fastest these kernels could run moving their bytes at copy speed
+                row["floor_ms"] = floor / copy_speed / 1e6
+                row["speedup_at_floor"] = dense_ms / row["floor_ms"] if dense_ms else None
         try:
             call = make()
             row["ms"] = time_ms(call, warmup, reps, sync_each)
@@ -155,6 +191,8 @@ def bench_shape(
             row["tflops"] = flops / row["ms"] / 1e9
             if dense_ms:
                 row["speedup"] = dense_ms / row["ms"]
+            if "floor_ms" in row:
+                row["of_floor"] = row["floor_ms"] / row["ms"]  # the share of copy speed the call reaches
             if grads_err is not None:
                 row["max_rel_err"] = grads_err()
         except Exception as e:  # one broken variant must not lose the rest of the run
@@ -217,7 +255,8 @@ def bench_shape(
             ]
             for variant, forward, weight, amp, base, fl, dw_ref in variants:
                 err = grads_err(weight, dx_want, dw_ref)
-                record(variant, s, block, step(forward, weight, amp), dense[base], fl, grads_err=err)
+                floor = None if "dense_wgrad" in variant else floor_bytes(mask, block, m, amp)["total"]
+                record(variant, s, block, step(forward, weight, amp), dense[base], fl, grads_err=err, floor=floor)
             if mode == "eager":
                 gemms = {"fwd": (bs.fwd_triton, xd, wd, None), "dx": (bs.dx_triton, dy, wd),
                          "dw": (functools.partial(bs.dw_triton, density=info.density()), dy, xd)}  # fmt: skip
@@ -297,7 +336,8 @@ def target_summary(rows: list[dict]) -> list[dict]:
                     speed = r.get("speedup")
                     met = speed is not None and speed >= want
                     out.append({"shape": shape, "variant": variant, "mode": r["mode"], "sparsity": s,
-                                "block": r["block"], "target": want, "speedup": speed, "met": met})  # fmt: skip
+                                "block": r["block"], "target": want, "speedup": speed, "met": met,
+                                "speedup_at_floor": r.get("speedup_at_floor")})  # fmt: skip
     return out
 
 
@@ -357,6 +397,7 @@ def main() -> None:
         "timing": "sync after every call" if args.sync_each else "back to back, event pair per call",
         "smem_per_block_optin": torch.cuda.get_device_properties(0).shared_memory_per_block_optin,
     }
+    meta["copy_gb_s"] = copy_speed = copy_gb_s()
     rows = []
 
     def write() -> dict:
@@ -370,15 +411,16 @@ def main() -> None:
     for mode in sorted(modes, key=MODES.index):
         for in_f, out_f in shapes:
             rows += bench_shape(in_f, out_f, args.tokens, blocks, sparsities, args.warmup, args.reps, mode,
-                                args.sync_each)  # fmt: skip
+                                args.sync_each, copy_speed=copy_speed)  # fmt: skip
             torch.cuda.empty_cache()
             write()  # a run killed at its time limit keeps the shapes done
     print_table(rows)
     result = write()
     for t in result["targets"]:
         got = "-" if t["speedup"] is None else f"{t['speedup']:.2f}"
+        floor = "" if t["speedup_at_floor"] is None else f" (at copy speed at most {t['speedup_at_floor']:.2f}x)"
         print(f"target {t['shape']} {t['variant']} [{t['mode']}] @ {t['sparsity']:.0%} (b={t['block']}): "
-              f"want >= {t['target']}x, got {got}x -> {'met' if t['met'] else 'NOT met'}")  # fmt: skip
+              f"want >= {t['target']}x, got {got}x{floor} -> {'met' if t['met'] else 'NOT met'}")  # fmt: skip
     print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
 
 
