@@ -147,7 +147,7 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
+    optimizer = method.configure_optimizer(model, t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
     if ckpt is not None:
         model.load_state_dict(checkpoint.clean_state_dict(ckpt["model"]))
         method.load_state_dict(ckpt["method"])

@@ -175,15 +175,16 @@ class GPT(nn.Module):
         return logits.detach(), loss
 
     def configure_optimizer(
-        self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str
+        self, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str, make=torch.optim.AdamW
     ) -> torch.optim.AdamW:
-        """AdamW with nanoGPT's groups: matrices (Linear weights, the tied embedding) decay; biases, norms don't."""
+        """AdamW (or `make`, an AdamW subclass) with nanoGPT's groups: matrices (Linear weights, the tied embedding)
+        decay; biases, norms don't."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = device_type == "cuda"  # the fused CUDA kernel is one launch for all parameters
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        return make(groups, lr=lr, betas=betas, fused=fused)
 
     @torch.no_grad()
     def generate(

@@ -5,6 +5,7 @@ object, so train.py has no `if method == ...` branches:
 
     method = make_method(name, cfg, model_cfg, train_cfg)
     model = method.attach(model)                 # once, before the optimizer, compile and DDP
+    optimizer = method.configure_optimizer(model, ...)   # AdamW (block MST: over the nonzero blocks)
     for step in ...:
         method.on_step_start(step)               # schedules: target density, phase, kept neurons
         flops += step_flops(method.flop_profile(step))
@@ -56,6 +57,13 @@ class Method:
     def attach(self, model: nn.Module) -> nn.Module:
         """Prepare the (unwrapped) model: swap modules, register masks. Returns the model to train."""
         return model
+
+    def configure_optimizer(
+        self, model: nn.Module, weight_decay: float, lr: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.Optimizer:
+        """The run's optimizer, built after attach: the model's AdamW groups (a method may step some of its
+        parameters its own way, e.g. block MST's BlockAdamW over the nonzero blocks only)."""
+        return model.configure_optimizer(weight_decay, lr, betas, device_type)
 
     def on_step_start(self, step: int) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""

@@ -99,6 +99,10 @@ class DSTConfig:
     every step and lets a pruned entry's exp_avg decay (by β1 a step, ~3e-5 of it left after ΔT=100 steps, which a
     regrown entry starts with). Unset: on with granularity='block' (ours: one pass over every sparse weight saved a
     step), off with 'element' (as the code)."""
+    block_adamw: bool | None = None
+    """granularity='block' with zero_pruned_moments: AdamW steps only the nonzero blocks of the block layers
+    (kernels/block_adamw.py), and brings a pruned block's exp_avg_sq up to date (times β2 per step skipped) at each
+    topology update, so it trains as plain AdamW does. Unset: on whenever it applies (ours)."""
 
     # Hybrid Sparse Attention, §4. Active for hsa_start·T <= step < hsa_end·T (T = total steps).
     hsa_start: float = 0.0
@@ -160,6 +164,10 @@ class DSTConfig:
             raise ValueError(f"{s}.delta_t must be > 0 when the sparsity changes (warmup_frac or restore_frac > 0)")
         if self.anneal_coeff <= 0:
             raise ValueError(f"{s}.anneal_coeff must be > 0, got {self.anneal_coeff}")
+        zero_pruned = self.granularity == "block" if self.zero_pruned_moments is None else self.zero_pruned_moments
+        if self.block_adamw and not (self.granularity == "block" and zero_pruned):
+            raise ValueError(f"{s}.block_adamw needs {s}.granularity='block' and {s}.zero_pruned_moments: AdamW "
+                             "may skip pruned entries only where their weights, gradients and exp_avg are zero")
 
 
 @dataclass
@@ -446,6 +454,8 @@ class DST(Method):
         self._pruned: dict[str, torch.Tensor] = {}  # keep-masks of exp_avg, zero_pruned_moments
         zero_pruned = cfg.zero_pruned_moments
         self.zero_pruned = cfg.granularity == "block" if zero_pruned is None else zero_pruned
+        self.block_adamw = self.zero_pruned and cfg.granularity == "block" and cfg.block_adamw is not False
+        self._skipped: dict[str, torch.Tensor] = {}  # block masks off since the last update (block_adamw)
         self._hsa_on = False
         self._attention = None  # the blocks' HsaAttention, from the first step with HSA on
 
@@ -484,6 +494,14 @@ class DST(Method):
         with torch.no_grad():
             torch._foreach_mul_(self.weights, self.masks)
         return model
+
+    def configure_optimizer(self, model, weight_decay, lr, betas, device_type) -> torch.optim.Optimizer:
+        if not (self.block_adamw and self.block_modules):
+            return super().configure_optimizer(model, weight_decay, lr, betas, device_type)
+        from kernels.block_adamw import BlockAdamW
+
+        make = functools.partial(BlockAdamW, blocks={m.weight: m for m in self.block_modules.values()})
+        return model.configure_optimizer(weight_decay, lr, betas, device_type, make=make)
 
     def _swap_block_sparse(self, model: nn.Module, modules: dict[str, nn.Module]):
         from kernels.block_sparse import BlockSparseLinear
@@ -650,6 +668,10 @@ class DST(Method):
         # Update iterations only score the topology: their (dense) gradients never reach the weights [C].
         # zero_grown_moments: grown entries start with fresh moments; zero_pruned_moments: nothing is left to move a
         # pruned weight.
+        if self._skipped and hasattr(optimizer, "decay_skipped_"):  # BlockAdamW: first, before any moment is reset
+            for name, skipped in self._skipped.items():
+                optimizer.decay_skipped_(self.modules[name].weight, skipped)
+        self._skipped = {}
         for keeps, keys in ((self._grown, ("exp_avg", "exp_avg_sq")), (self._pruned, ("exp_avg",))):
             for name, keep in keeps.items():
                 state = optimizer.state.get(self.modules[name].weight, {})
@@ -673,6 +695,10 @@ class DST(Method):
         counts = self._counts(target)
         zeta = self.schedule.zeta(step)
         old_masks = self.unit_masks
+        if self.block_adamw:  # the blocks BlockAdamW skipped since the last update: their exp_avg_sq is owed
+            for k in self.block_modules:
+                (o, i), b = self.shapes[k], self.tile[k]
+                self._skipped[k] = ~old_masks[k].view(o // b, i // b)
         weights = dict(zip(self.modules, self.weights, strict=True))
         for name, w in weights.items():
             if w.grad is None:

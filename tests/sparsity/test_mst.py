@@ -59,7 +59,7 @@ def build(method_cls, cfg, total: int, seed: int = 0, model_cfg: GPTConfig = TIN
     model = GPT(model_cfg)
     method = method_cls(cfg, model_cfg, total, seed)
     model = method.attach(model)
-    opt = model.configure_optimizer(weight_decay=0.1, lr=1e-2, betas=(0.9, 0.95), device_type="cpu")
+    opt = method.configure_optimizer(model, weight_decay=0.1, lr=1e-2, betas=(0.9, 0.95), device_type="cpu")
     return model, method, opt
 
 
@@ -383,6 +383,29 @@ def test_zero_pruned_moments_keeps_pruned_weights_zero_without_remasking(granula
     assert not MST(MSTConfig(), TINY, 10, 0).zero_pruned  # element default: as the code
 
 
+def test_block_adamw_trains_as_plain_adamw():
+    """Block MST with AdamW over the nonzero blocks only (the default) and with torch's AdamW over everything: the
+    same weights and masks through warm-up ramp, updates that prune and regrow blocks, and the restoration (up to
+    the rounding of β2^n against n products)."""
+    def run(block_adamw):
+        cfg = MSTConfig(delta_t=3, warmup_frac=0.25, restore_frac=0.25, sparsity=0.7, hsa_end=0.0,
+                        granularity="block", block_size=32, block_dense_above=1.0, block_adamw=block_adamw)
+        model, method, opt = build(MST, cfg, 24, seed=3)
+        assert (type(opt).__name__ == "BlockAdamW") == block_adamw
+        train(model, method, opt, 0, 24)
+        return model, method
+
+    (fast, fast_m), (ref, ref_m) = run(True), run(False)
+    assert all(torch.equal(fast_m.unit_masks[k], ref_m.unit_masks[k]) for k in ref_m.unit_masks)
+    for (k, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="block_adamw needs"):
+        MSTConfig(block_adamw=True)  # element granularity
+    with pytest.raises(ValueError, match="block_adamw needs"):
+        MSTConfig(granularity="block", zero_pruned_moments=False, block_adamw=True)
+    assert not MST(MSTConfig(granularity="block", zero_pruned_moments=False), TINY, 10, 0).block_adamw
+
+
 def test_resume_is_bit_identical():
     cfg = MSTConfig(delta_t=3, warmup_frac=0.3, restore_frac=0.3, **NO_HSA)
     model, method, opt = build(MST, cfg, 20, seed=5)
@@ -533,7 +556,8 @@ def test_block_granularity():
     assert list(plain.block_modules) == [k for k in plain.modules if k != "lm_head"]
     assert type(plain.modules["lm_head"]) is torch.nn.Linear and plain.units["lm_head"] == 128 * 64
     assert all(isinstance(m, BlockSparseLinear) and m.block == 32 for m in plain.block_modules.values())
-    opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cpu")
+    opt = method.configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), "cpu")
+    assert type(opt).__name__ == "BlockAdamW"  # block granularity: AdamW over the nonzero blocks (the default)
     for step in range(6):
         method.on_step_start(step)
         assert all(m.dense_wgrad == (step in (2, 4)) for m in method.modules.values())
@@ -766,7 +790,7 @@ def test_block_granularity_compiled_cuda():
         model = GPT(mc).cuda()
         method = MST(cfg, mc, 10, 0)
         model = method.attach(model)
-        return model, method, model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), "cuda")
+        return model, method, method.configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), "cuda")  # BlockAdamW
 
     runs = [make(), make()]
     torch._dynamo.reset()
