@@ -2,15 +2,17 @@
 
 In a block MST run at 90% sparsity most of every sparse weight is pruned: the weight and its gradient are exact
 zeros there, and with `mst.zero_pruned_moments` so is exp_avg, so AdamW's step leaves those entries at zero and
-only multiplies their exp_avg_sq by β2. Running the fused AdamW over them anyway spent ~0.7 of a 22.6 ms step of
-GPT-2 124M on the H200 (the optimizer reads and writes 28 bytes a parameter). `BlockAdamW` is torch's AdamW for
+only multiplies their exp_avg_sq by β2. The fused AdamW reads and writes 28 bytes a parameter over all of them
+anyway (1.2 ms of GPT-2 124M's 22.6 ms block-MST step on the H200, by its profile). `BlockAdamW` is torch's AdamW for
 every parameter except the weights of the block modules it is given, which it steps over their nonzero blocks
 only (one launch per weight, `adamw_blocks`). What it skips it owes to exp_avg_sq alone, and pays exactly: at each
 topology update, before the mask changes, the caller hands `decay_skipped_` the blocks that were off since the
 last one, and their exp_avg_sq is multiplied by β2^n for the n optimizer steps taken since (`state["synced"]`
 holds the step count it is current at). So a regrown block starts with the moments plain AdamW would have given it
 (up to the rounding of one power against n products). The state has AdamW's keys (plus `synced`), so optimizer
-checkpoints and MST's moment resets work unchanged.
+checkpoints and MST's moment resets work unchanged. Measured in block MST's whole run on the H200 it gains next
+to nothing (sparse-phase step 22.35 -> 22.24 ms, `results/raw/h200-mst-block-wholerun-s34-6000-blockadamw.json`),
+so `mst.block_adamw` is off by default.
 
 The update is torch's fused AdamW's, in fp32: p -= lr·wd·p; m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²;
 p -= lr / (1-β1^t) · m / (sqrt(v) / sqrt(1-β2^t) + eps). The plain-PyTorch reference (`adamw_blocks_ref`, the
@@ -57,18 +59,21 @@ if triton is not None:
 
     @triton.jit
     def _adamw_blocks_kernel(P, G, M, V, ROWS, COLS, STEP, lr, beta1, beta2, log2_beta1, log2_beta2, eps,
-                             weight_decay, stride, BLOCK: tl.constexpr, ROWS_PER: tl.constexpr):  # fmt: skip
-        """Program (i, j): rows j·ROWS_PER .. of the i-th nonzero block (ROWS[i], COLS[i])."""
+                             weight_decay, stride, g_stride0, g_stride1, BLOCK: tl.constexpr,
+                             ROWS_PER: tl.constexpr):  # fmt: skip
+        """Program (i, j): rows j·ROWS_PER .. of the i-th nonzero block (ROWS[i], COLS[i]). P, M, V are row-major
+        (`stride`); G has strides of its own (a dense GEMM's dW may come out column-major)."""
         i, j = tl.program_id(0), tl.program_id(1)
         r, c = tl.load(ROWS + i).to(tl.int64), tl.load(COLS + i).to(tl.int64)
         rows = r * BLOCK + j * ROWS_PER + tl.arange(0, ROWS_PER)
         cols = c * BLOCK + tl.arange(0, BLOCK)
         offs = rows[:, None] * stride + cols[None, :]
+        g_offs = rows[:, None] * g_stride0 + cols[None, :] * g_stride1
         t = tl.load(STEP).to(tl.float32)
         bc1 = 1.0 - tl.exp2(t * log2_beta1)
         bc2_sqrt = tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
         p = tl.load(P + offs).to(tl.float32)
-        g = tl.load(G + offs).to(tl.float32)
+        g = tl.load(G + g_offs).to(tl.float32)
         m = beta1 * tl.load(M + offs).to(tl.float32) + (1.0 - beta1) * g
         v = beta2 * tl.load(V + offs).to(tl.float32) + (1.0 - beta2) * g * g
         p = p - lr * weight_decay * p
@@ -87,12 +92,12 @@ def adamw_blocks_triton(p, g, m, v, info, lr, beta1, beta2, eps, weight_decay, s
     rows_per = max(1, min(b, CHUNK // b))
     grid = (n, b // rows_per)
     _adamw_blocks_kernel[grid](p, g, m, v, info.blk_rows, info.blk_cols, step, lr, beta1, beta2, math.log2(beta1),
-                               math.log2(beta2), eps, weight_decay, p.stride(0), BLOCK=b, ROWS_PER=rows_per,
-                               num_warps=4)  # fmt: skip
+                               math.log2(beta2), eps, weight_decay, p.stride(0), g.stride(0), g.stride(1), BLOCK=b,
+                               ROWS_PER=rows_per, num_warps=4)  # fmt: skip
 
 
-def _triton_ok(*tensors: torch.Tensor) -> bool:
-    return triton_available() and all(t.is_cuda and t.is_contiguous() for t in tensors)
+def _triton_ok(p, g, m, v) -> bool:
+    return triton_available() and all(t.is_cuda for t in (p, g, m, v)) and all(t.is_contiguous() for t in (p, m, v))
 
 
 def adamw_blocks(p, g, m, v, module, lr, beta1, beta2, eps, weight_decay, step, backend: str = "auto") -> None:

@@ -139,6 +139,10 @@ _INTERPRETER_CHECK = textwrap.dedent(
         ba.adamw_blocks_ref(*want[:1], g, *want[1:], mask, block, 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
         got = [t.clone() for t in (p, m, v)]
         ba.adamw_blocks_triton(got[0], g, got[1], got[2], info, 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
+        gt = g.t().contiguous().t()  # a column-major gradient: the same update
+        got_t = [t.clone() for t in (p, m, v)]
+        ba.adamw_blocks_triton(got_t[0], gt, got_t[1], got_t[2], info, 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
+        assert all(torch.equal(a, b) for a, b in zip(got, got_t))
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * 1e-2)
@@ -152,9 +156,12 @@ def test_triton_kernel_matches_reference_in_interpreter():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("grad_layout", ["rows", "cols"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", [32, 64, 128])
-def test_triton_kernel_matches_reference_on_gpu(block, dtype):
+def test_triton_kernel_matches_reference_on_gpu(block, dtype, grad_layout):
+    """Also with a column-major gradient, as a dense GEMM's dW under inductor may be: the kernel reads it with its
+    own strides rather than falling back to the (slow) reference."""
     from kernels import block_adamw as ba
     from kernels.block_sparse import build_block_mask_info
 
@@ -163,6 +170,9 @@ def test_triton_kernel_matches_reference_on_gpu(block, dtype):
     info = build_block_mask_info(mask, block, "cuda")
     p = torch.randn(768, 1024, device="cuda").to(dtype)
     g, m, v = torch.randn_like(p), torch.randn_like(p) * 0.1, torch.rand_like(p) * 0.01
+    if grad_layout == "cols":
+        g = g.t().contiguous().t()
+        assert g.stride() == (1, 768) and ba._triton_ok(p, g, m, v)
     step = torch.tensor(7.0, device="cuda")
     want = [t.clone() for t in (p, m, v)]
     ba.adamw_blocks_ref(want[0], g, want[1], want[2], mask, block, 1e-2, 0.9, 0.95, 1e-8, 0.1, step)

@@ -384,7 +384,7 @@ def test_zero_pruned_moments_keeps_pruned_weights_zero_without_remasking(granula
 
 
 def test_block_adamw_trains_as_plain_adamw():
-    """Block MST with AdamW over the nonzero blocks only (the default) and with torch's AdamW over everything: the
+    """Block MST with AdamW over the nonzero blocks only (mst.block_adamw) and with torch's AdamW over everything: the
     same weights and masks through warm-up ramp, updates that prune and regrow blocks, and the restoration (up to
     the rounding of β2^n against n products)."""
     def run(block_adamw):
@@ -403,7 +403,7 @@ def test_block_adamw_trains_as_plain_adamw():
         MSTConfig(block_adamw=True)  # element granularity
     with pytest.raises(ValueError, match="block_adamw needs"):
         MSTConfig(granularity="block", zero_pruned_moments=False, block_adamw=True)
-    assert not MST(MSTConfig(granularity="block", zero_pruned_moments=False), TINY, 10, 0).block_adamw
+    assert not MST(MSTConfig(granularity="block"), TINY, 10, 0).block_adamw  # off unless asked for
 
 
 def test_resume_is_bit_identical():
@@ -557,7 +557,7 @@ def test_block_granularity():
     assert type(plain.modules["lm_head"]) is torch.nn.Linear and plain.units["lm_head"] == 128 * 64
     assert all(isinstance(m, BlockSparseLinear) and m.block == 32 for m in plain.block_modules.values())
     opt = method.configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), "cpu")
-    assert type(opt).__name__ == "BlockAdamW"  # block granularity: AdamW over the nonzero blocks (the default)
+    assert type(opt) is torch.optim.AdamW  # mst.block_adamw is off by default
     for step in range(6):
         method.on_step_start(step)
         assert all(m.dense_wgrad == (step in (2, 4)) for m in method.modules.values())
@@ -783,14 +783,14 @@ def test_block_granularity_compiled_cuda():
 
     mc = GPTConfig(preset="tiny", vocab_size=128, block_size=64)
     cfg = MSTConfig(granularity="block", block_size=32, delta_t=2, warmup_frac=0.5, restore_frac=0.0, hsa_stride=16,
-                    block_dense_above=1.0)  # the block kernels even at the dense start
+                    block_dense_above=1.0, block_adamw=True)  # the block kernels even at the dense start
 
     def make():
         torch.manual_seed(0)
         model = GPT(mc).cuda()
         method = MST(cfg, mc, 10, 0)
         model = method.attach(model)
-        return model, method, method.configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), "cuda")  # BlockAdamW
+        return model, method, method.configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), "cuda")
 
     runs = [make(), make()]
     torch._dynamo.reset()
