@@ -165,10 +165,14 @@ class DSTConfig:
             raise ValueError(f"{s}.delta_t must be > 0 when the sparsity changes (warmup_frac or restore_frac > 0)")
         if self.anneal_coeff <= 0:
             raise ValueError(f"{s}.anneal_coeff must be > 0, got {self.anneal_coeff}")
-        zero_pruned = self.granularity == "block" if self.zero_pruned_moments is None else self.zero_pruned_moments
-        if self.block_adamw and not (self.granularity == "block" and zero_pruned):
+        if self.block_adamw and not (self.granularity == "block" and self.zero_pruned):
             raise ValueError(f"{s}.block_adamw needs {s}.granularity='block' and {s}.zero_pruned_moments: AdamW "
                              "may skip pruned entries only where their weights, gradients and exp_avg are zero")
+
+    @property
+    def zero_pruned(self) -> bool:
+        """zero_pruned_moments with its default resolved: on with granularity='block', off with 'element'."""
+        return self.granularity == "block" if self.zero_pruned_moments is None else self.zero_pruned_moments
 
 
 @dataclass
@@ -453,8 +457,7 @@ class DST(Method):
         self._last_update: dict[str, float] = {}
         self._grown: dict[str, torch.Tensor] = {}  # keep-masks of moments, zero_grown_moments
         self._pruned: dict[str, torch.Tensor] = {}  # keep-masks of exp_avg, zero_pruned_moments
-        zero_pruned = cfg.zero_pruned_moments
-        self.zero_pruned = cfg.granularity == "block" if zero_pruned is None else zero_pruned
+        self.zero_pruned = cfg.zero_pruned
         self.block_adamw = cfg.block_adamw
         self._skipped: dict[str, torch.Tensor] = {}  # block masks off since the last update (block_adamw)
         self._hsa_on = False
