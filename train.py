@@ -33,7 +33,7 @@ from core.dist import DistInfo, all_reduce_mean, cleanup, init_distributed
 from core.log import MetricsLogger, env_summary, format_flops, git_state
 from data.loader import TokenData
 from model.flops import dense_flops_per_token, peak_flops, train_flops_per_token
-from model.gpt import GPT, Block
+from model.gpt import GPT
 from sparsity import REGISTRY, Method, method_class
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -138,8 +138,6 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
     method = method_class(cfg.method)(cfg.method_cfg, cfg.model, t.steps, t.seed)
     if t.compile and t.compile_mode == "reduce-overhead" and method.cuda_graphs:
         raise TrainError(f"{cfg.method} cannot run with train.compile_mode=reduce-overhead: {method.cuda_graphs}")
-    if t.compile and t.compile_scope == "nested" and method.nested_regions:
-        raise TrainError(f"{cfg.method} cannot run with train.compile_scope=nested: {method.nested_regions}")
     model = method.attach(model)
 
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
@@ -167,8 +165,7 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
         blocks = t.compile_scope == "blocks"  # then every block's states share the one Block.forward code
         graphs = method.compiled_graphs() * (cfg.model.n_layer if blocks else 1)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
-        compile_fn = {"model": torch.compile, "blocks": compile_blocks, "nested": compile_nested}[t.compile_scope]
-        train_model = compile_fn(model, mode=t.compile_mode)
+        train_model = (compile_blocks if blocks else torch.compile)(model, mode=t.compile_mode)
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accum * dist.world_size
@@ -188,31 +185,6 @@ def compile_blocks(model: GPT, **compile_kwargs) -> GPT:
     view.transformer.h = nn.ModuleList(torch.compile(b, **compile_kwargs) for b in model.transformer.h)
     view.head = torch.compile(model.head, **compile_kwargs)
     return view
-
-
-class NestedBlock(Block):
-    """A Block whose forward is a nested compile region (train.compile_scope=nested): dynamo traces it once and
-    inductor compiles it once for all blocks with the same inputs' shapes and state. Called eagerly it is a Block."""
-
-    forward = torch.compiler.nested_compile_region(Block.forward)
-
-
-def compile_nested(model: GPT, mode: str = "default", **compile_kwargs) -> nn.Module:
-    """model compiled as one graph in which every block calls one compiled subgraph (hierarchical compilation): a
-    cold compile traces, partitions and lowers one block instead of n_layer of them, and the step stays one graph,
-    one CUDA graph under reduce-overhead. The model's blocks become NestedBlocks (the same modules, parameters and
-    state); model itself stays uncompiled for evaluation and sampling."""
-    for block in model.transformer.h:
-        if type(block) is not Block:
-            raise TrainError(f"train.compile_scope=nested needs plain Blocks, got {type(block).__name__}")
-        block.__class__ = NestedBlock
-    # Inductor's buffer reuse (torch 2.13, CPU) hands a reused region's backward a buffer the outer graph still
-    # reads, and every block's gradients but the last come out wrong (tests/test_compile_modes.py); without it the
-    # freed buffers go back to the caching allocator, which reuses them safely.
-    from torch._inductor import list_mode_options
-
-    options = {**list_mode_options(mode), "allow_buffer_reuse": False}
-    return torch.compile(model, options=options, **compile_kwargs)
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:

@@ -66,8 +66,7 @@ class TrainConfig:
     compile_scope: str = "model"
     """model (one torch.compile of the whole model) | blocks (each transformer block and the head compiled as its
     own region: the blocks share one compiled code, so a cold compile, and each recompile a method's schedule
-    causes, covers one block instead of all of them) | nested (one graph, in which every block calls one compiled
-    subgraph: a cold compile covers one block, and the step stays one graph, one CUDA graph under reduce-overhead)."""
+    causes, covers one block instead of all of them)."""
     prewarm_kernels: bool = True
     """CUDA: compile the method's Triton kernels in child processes while the run compiles its model (ours; a cold
     Triton cache cost a block-MST run ~32 s in its first block-sparse steps). Results are the same either way."""
@@ -92,8 +91,8 @@ class TrainConfig:
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
             modes = "default, reduce-overhead or max-autotune-no-cudagraphs"
             raise ValueError(f"train.compile_mode must be {modes}, got {self.compile_mode!r}")
-        if self.compile_scope not in ("model", "blocks", "nested"):
-            raise ValueError(f"train.compile_scope must be model, blocks or nested, got {self.compile_scope!r}")
+        if self.compile_scope not in ("model", "blocks"):
+            raise ValueError(f"train.compile_scope must be model or blocks, got {self.compile_scope!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"train.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

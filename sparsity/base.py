@@ -47,8 +47,6 @@ class Method:
     cuda_graphs: ClassVar[str] = ""
     """Why the model cannot be replayed from CUDA graphs (train.compile_mode=reduce-overhead); empty if it can: all
     per-step state reaches the compiled model as tensors it takes as inputs or updates in place."""
-    nested_regions: ClassVar[str] = ""
-    """Why the blocks cannot be nested compile regions (train.compile_scope=nested); empty if they can."""
 
     def __init__(self, cfg: Any, model_cfg: GPTConfig, total_steps: int, seed: int = 0):
         self.cfg = cfg

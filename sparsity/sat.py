@@ -261,8 +261,6 @@ class _Group:
 class SAT(Method):
     name = "sat"
     Config = SATConfig
-    nested_regions = ("its statistics are folded into buffers inside the blocks' forward, and torch's nested "
-                      "compile regions do not train through in-place buffer updates")
 
     def __init__(self, cfg: SATConfig, model_cfg: GPTConfig, total_steps: int, seed: int = 0):
         super().__init__(cfg, model_cfg, total_steps, seed)

@@ -1,6 +1,5 @@
 """train.compile_mode: CUDA-graph replays (reduce-overhead) train exactly what the default compiled step trains;
-train.compile_scope=blocks (each block its own compiled region) and nested (one graph whose blocks call one compiled
-subgraph) train what the whole-model compile trains.
+train.compile_scope=blocks (each block its own compiled region) trains what the whole-model compile trains.
 
 A replayed graph re-runs the kernels it recorded with the addresses it recorded: method state that reaches a graph
 other than as a tensor input (a Python int, a tensor swapped for a new one behind the graph's back) would be replayed
@@ -15,7 +14,7 @@ import torch
 
 from model.gpt import GPT, Block, GPTConfig
 from tests.helpers import tiny_config
-from train import NestedBlock, TrainError, compile_blocks, compile_nested, setup, train_step
+from train import TrainError, compile_blocks, setup, train_step
 
 LR = 3e-3  # tests.helpers.tiny_config's train.lr
 MST = ["mst.warmup_frac=0", "mst.delta_t=3", "mst.hsa_stride=16", "mst.hsa_end=0.6"]
@@ -89,52 +88,13 @@ def test_compile_blocks_is_a_view_with_the_same_function():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("case", ["dense", "mst-block"])
-def test_nested_regions_train_what_eager_trains(tmp_path, case):
-    """Inductor on the CPU (the one CPU test that runs it): five steps through compile_nested match the eager run's
-    losses and every parameter. This fails with inductor's buffer reuse left on (torch 2.13), which corrupts every
-    block's gradients but the last."""
-    method, overrides = CASES[case]
-    cfg = tiny_config(tmp_path, method, [*overrides, "train.steps=5", "train.grad_accum=1"])
-    results = []
-    for nested in (False, True):
-        torch._dynamo.reset()
-        run = setup(cfg)
-        if nested:
-            run.train_model = compile_nested(run.model)
-            assert all(type(b) is NestedBlock for b in run.model.transformer.h)
-        losses = [train_step(run, step)[0].item() for step in range(cfg.train.steps)]
-        results.append((losses, [p.detach().clone() for p in run.model.parameters()]))
-    (ref, w_ref), (got, w_got) = results
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
-    for a, b in zip(w_got, w_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # AdamW: a near-zero gradient moves by ~lr
-
-
-def test_nested_scope_refused_for_a_method_that_mutates_buffers_in_its_blocks(tmp_path):
-    cfg = tiny_config(tmp_path, "sat", ["train.compile=true", "train.compile_scope=nested"])
-    with pytest.raises(TrainError, match="sat cannot run with train.compile_scope=nested: its statistics"):
-        setup(cfg)
-
-
-def test_nested_scope_refuses_blocks_a_method_replaced():
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-    model.transformer.h[1] = torch.nn.Identity()
-    with pytest.raises(TrainError, match="compile_scope=nested needs plain Blocks, got Identity"):
-        compile_nested(model)
-
-
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", ["dense", "mst-block-ramp", "sat"])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-@pytest.mark.parametrize("scope,case", [(s, c) for s in ("blocks", "nested") for c in ("dense", "mst-block-ramp", "sat")
-                                        if (s, c) != ("nested", "sat")])  # SAT refuses nested (test above)
-def test_compiled_regions_train_what_the_compiled_model_trains(tmp_path, case, mode, scope):
+def test_compiled_blocks_train_what_the_compiled_model_trains(tmp_path, case, mode):
     method, overrides = CASES[case]
     ref, w_ref = _losses(tmp_path, method, mode, overrides)
-    graphs = []
-    got, w_got = _losses(tmp_path, method, mode, overrides, scope=scope, graphs=graphs)
-    if scope == "nested" and method == "mst":
-        assert graphs == [1]  # the regions are subgraphs of the one graph
+    got, w_got = _losses(tmp_path, method, mode, overrides, scope="blocks")
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=2e-3, atol=2e-3)
     # regions fuse bf16 sums differently, so an MST mask near-tie may go the other way: on the H200 one lm_head entry
     # of 4096 was pruned in one run and kept in the other (mst-block-ramp, reduce-overhead), with every loss equal to

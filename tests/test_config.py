@@ -24,7 +24,7 @@ def test_defaults_and_overrides():
         (["train.lr"], "--set expects section.key=value"),
         (["model.n_head=5"], "not a multiple"),
         (["train.dtype=fp8"], "train.dtype must be"),
-        (["train.compile_scope=layers"], "train.compile_scope must be model, blocks or nested"),
+        (["train.compile_scope=layers"], "train.compile_scope must be model or blocks"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides, message):
