@@ -5,7 +5,7 @@ METHOD ?= dense
 CONFIG ?= configs/gpt2.toml
 SHARED ?= ../shared/data
 
-.PHONY: setup demo test test-gpu test-all lint format bench bench-cpu plot reproduce-small report clean
+.PHONY: setup demo test test-gpu test-all lint format bench bench-wholerun bench-cpu plot reproduce-small report clean
 
 setup:  ## virtualenv + pinned requirements (TORCH_SPEC=torch==2.11.0 for a CUDA machine, say)
 	python3 -m venv .venv
@@ -37,6 +37,14 @@ format:
 bench:  ## every method against dense on the GPU, plus kernel micro-benchmarks -> results/
 	$(PY) bench.py --config $(CONFIG) --methods dense,mst,rigl,static,2of4,sat --set train.batch_size=16 \
 		--set train.grad_accum=1 --kernels all
+
+# 98M tokens of GPT-2 124M either way; ACCUM=1 STEPS=6000 is the earlier runs' shape (an optimizer step per 16k tokens)
+ACCUM ?= 8
+STEPS ?= 750
+bench-wholerun:  ## block MST's whole schedule against dense, every step timed, compile included (~7 min on an H200)
+	$(PY) bench.py --config configs/gpt2.toml --methods dense,mst --whole-run --set mst.granularity=block \
+		--set train.compile_mode=reduce-overhead --set train.batch_size=16 --set train.grad_accum=$(ACCUM) \
+		--set train.steps=$(STEPS)
 
 bench-cpu:  ## the same code on a tiny CPU config (no speed claims)
 	$(PY) bench.py --methods dense,mst,2of4,sat --steps 3 --warmup 1 --set model.preset=tiny \
