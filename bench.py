@@ -46,6 +46,7 @@ KERNEL_BENCHES = {
     "hsa": ["-m", "kernels.bench_hsa", "--out"],
     "block_sparse": ["-m", "kernels.bench_block_sparse", "--blocks", "64,128", "--out"],
     "fp8_24": ["-m", "kernels.bench_fp8_24", "--out"],
+    "cross_entropy": ["-m", "kernels.bench_cross_entropy", "--out"],
 }
 
 

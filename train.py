@@ -32,6 +32,7 @@ from core.config import Config, ConfigError, config_from_dict, load_config
 from core.dist import DistInfo, all_reduce_mean, cleanup, init_distributed
 from core.log import MetricsLogger, env_summary, format_flops, git_state
 from data.loader import TokenData
+from kernels.cross_entropy import CrossEntropy
 from model.flops import dense_flops_per_token, peak_flops, train_flops_per_token
 from model.gpt import GPT
 from sparsity import REGISTRY, Method, method_class
@@ -126,6 +127,8 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
     """Build data, model, method, optimizer (restoring ckpt if given), then compile and DDP-wrap."""
     t = cfg.train
     device = pick_device(t.device)
+    if t.loss_kernel == "triton" and device.type != "cuda":
+        raise TrainError("train.loss_kernel=triton needs a CUDA device (use auto or ref)")
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -135,6 +138,7 @@ def setup(cfg: Config, ckpt: dict | None = None, data: TokenData | None = None) 
     if data.vocab_size > cfg.model.vocab_size:
         raise TrainError(f"data vocab {data.vocab_size} > model.vocab_size {cfg.model.vocab_size}")
     model.to(device)
+    model.loss_fn = CrossEntropy(t.loss_kernel)
     method = method_class(cfg.method)(cfg.method_cfg, cfg.model, t.steps, t.seed)
     if t.compile and t.compile_mode == "reduce-overhead" and method.cuda_graphs:
         raise TrainError(f"{cfg.method} cannot run with train.compile_mode=reduce-overhead: {method.cuda_graphs}")

@@ -70,6 +70,10 @@ class TrainConfig:
     prewarm_kernels: bool = True
     """CUDA: compile the method's Triton kernels in child processes while the run compiles its model (ours; a cold
     Triton cache cost a block-MST run ~32 s in its first block-sparse steps). Results are the same either way."""
+    loss_kernel: str = "ref"
+    """The training loss (kernels/cross_entropy.py): ref (F.cross_entropy on fp32 logits, as inductor compiles it)
+    | triton (two streaming kernels, CUDA) | auto (triton on CUDA, else ref). The same loss either way, to rounding.
+    ref is the default until the Triton kernels have been timed on a GPU (results/raw/h200-s36.sh PART=kernel)."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     init_from: str = ""
@@ -93,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"train.compile_mode must be {modes}, got {self.compile_mode!r}")
         if self.compile_scope not in ("model", "blocks"):
             raise ValueError(f"train.compile_scope must be model or blocks, got {self.compile_scope!r}")
+        if self.loss_kernel not in ("auto", "triton", "ref"):
+            raise ValueError(f"train.loss_kernel must be auto, triton or ref, got {self.loss_kernel!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"train.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

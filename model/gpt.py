@@ -70,6 +70,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 AttentionFn = Callable[..., torch.Tensor]
 
 
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token loss over the targets that are not -1, in fp32. logits (N, V), targets (N,)."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -131,6 +139,8 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied: one (vocab, d) matrix
+        # A plain attribute like CausalSelfAttention.attend: the trainer swaps in a fused kernel (train.loss_kernel).
+        self.loss_fn: LossFn = cross_entropy_loss
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2L) so the residual stream's variance stays put.
         for name, p in self.named_parameters():
@@ -168,7 +178,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # inference: only the last position is needed
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        loss = self.loss_fn(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         # Detached: a returned output that requires grad gets a gradient of its own in backward, zeros the size of
         # the logits (1.6 GB at 16k tokens) that a compiled step fills, copies into its CUDA graph and adds in:
         # 1.3 ms of a 33 ms GPT-2 124M step on an H200 (results/raw/h200-profile-s33.txt).

@@ -95,6 +95,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
         (["--set", "train.lr=abc"], "cannot read 'abc' as float"),
         (["--config", str(tmp_path / "nope.toml")], "config file not found"),
         (["--data-dir", str(tmp_path / "nodata")], "no prepared dataset"),
+        (["--set", "train.loss_kernel=fast"], "train.loss_kernel must be auto, triton or ref"),
+        (["--set", "train.loss_kernel=triton"], "train.loss_kernel=triton needs a CUDA device"),
     ]:
         result = run_cli(*args, "--set", f"train.out_dir={out}", "--device", "cpu")
         assert result.returncode == 2, (args, result.stderr)

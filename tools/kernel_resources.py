@@ -2,7 +2,7 @@
 default) with triton's bundled ptxas, no GPU needed, and reads the cubin's registers, stack (spills) and shared
 memory, how many programs fit on one SM, and whether the software pipeliner issued async copies.
 
-    python -m tools.kernel_resources            # the HSA kernels at their TUNED configurations, as a table
+    python -m tools.kernel_resources            # the HSA kernels at their TUNED configurations and the loss kernels
     python -m tools.kernel_resources --json r.json
 
 A register cap (Launch.maxnreg) that trades programs per SM for spills, or a loop the pipeliner left alone, shows here
@@ -149,6 +149,21 @@ def hsa_resources(T: int = 1024, stride: int = 64, head_dim: int = 64, arch: int
     return out
 
 
+def cross_entropy_resources(arch: int = 90) -> list[Resources]:
+    """The loss kernels (kernels/cross_entropy.py) at their FWD_*/BWD_* settings, bf16 logits, int64 targets."""
+    from kernels import cross_entropy as ce
+
+    fp32, ints = ("Loss", "LSE", "Scale"), ("V", "ignore_index", "stride_x", "stride_dx")
+    out = []
+    for fn, block, warps in [(ce._ce_fwd_kernel, ce.FWD_BLOCK, ce.FWD_WARPS),
+                             (ce._ce_bwd_kernel, ce.BWD_BLOCK, ce.BWD_WARPS)]:  # fmt: skip
+        sig = {n: "i32" if n in ints else "*fp32" if n in fp32 else "*i64" if n == "Tgt" else "*bf16"
+               for n in fn.arg_names if n != "BLOCK"}  # fmt: skip
+        divisible = frozenset(n for n in sig if n != "ignore_index")  # 50304 and its row strides are multiples of 16
+        out.append(compile_resources(fn, sig, {"BLOCK": block}, {"num_warps": warps, "num_stages": 3}, arch, divisible))
+    return out
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -160,7 +175,7 @@ def main(
     arch: int = typer.Option(90, help="Compute capability to compile for (90: H100 / H200)."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the rows to this JSON file."),
 ) -> None:
-    rows = hsa_resources(T, stride, head_dim, arch)
+    rows = hsa_resources(T, stride, head_dim, arch) + cross_entropy_resources(arch)
     for r in rows:
         print(r.row())
     if json_out is not None:

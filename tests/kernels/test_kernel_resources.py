@@ -44,6 +44,15 @@ def test_hsa_kernels_as_the_h200_built_them():
     assert rows["_band_bwd_kernel"].programs_per_sm == 3 and rows["_strided_bwd_kernel"].programs_per_sm == 4
 
 
+def test_loss_kernels_build_for_the_gpu_without_spills():
+    """kernels/cross_entropy.py's kernels at their shipped settings compile for sm_90a (a module-level float that
+    the interpreter accepted did not), spill nothing and leave several programs per SM to keep loads in flight."""
+    rows = {r.kernel: r for r in kr.cross_entropy_resources()}
+    assert set(rows) == {"_ce_fwd_kernel", "_ce_bwd_kernel"}
+    for r in rows.values():
+        assert r.stack_bytes == 0 and r.programs_per_sm >= 4, r
+
+
 def test_a_compile_error_the_interpreter_would_not_see():
     """A loop-carried value that changes type runs under TRITON_INTERPRET (numpy does not care) but does not
     compile for a GPU: the CPU finds it here."""
