@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import shlex
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -42,10 +40,9 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from kernels import block_sparse as bs
-from kernels.benchutil import capture, host_work, rel_err, stubbed_launches, time_ms
+from kernels.benchutil import capture, host_work, record_header, rel_err, stubbed_launches, time_ms
 
 SHAPES = [(1024, 4096), (4096, 1024), (768, 3072), (3072, 768)]  # (in, out) of nn.Linear(in, out)
 SPARSITIES = [0.0, 0.5, 0.75, 0.9]
@@ -382,12 +379,7 @@ def main() -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    meta = {
-        "method": "mst (block-sparse linear) against dense F.linear",
-        "command": shlex.join(["python", "-m", "kernels.bench_block_sparse", *sys.argv[1:]]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+    meta = record_header("mst (block-sparse linear) against dense F.linear", "kernels.bench_block_sparse") | {
         "tokens": args.tokens,
         "blocks": blocks,
         "sparsities": sparsities,

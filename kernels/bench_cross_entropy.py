@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch
 import typer
 
 from kernels import cross_entropy as ce
-from kernels.benchutil import graph_ms, rel_err
+from kernels.benchutil import graph_ms, record_header, rel_err
 
 VOCAB = 50304
 SWEEP = [(b, w) for b in (2048, 4096, 8192, 16384) for w in (4, 8, 16) if b // (32 * w) >= 4]
@@ -104,18 +102,11 @@ def main(
 ) -> None:
     if not torch.cuda.is_available():
         raise typer.BadParameter("the cross-entropy benchmark needs a CUDA device")
-    import triton
-
     t0 = time.time()
     logits, targets = make_inputs(tokens)
     N, V = logits.shape
     elt = logits.element_size()
-    record: dict = {
-        "method": "all (training loss)",
-        "command": shlex.join(["python", "-m", "kernels.bench_cross_entropy", *sys.argv[1:]]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+    record: dict = record_header("all (training loss)", "kernels.bench_cross_entropy") | {
         "config": {"tokens": N, "vocab": V, "dtype": "bfloat16", "timing": "CUDA-graph replays, best of 3 x 50"},
         "bytes": {"fwd": N * V * elt, "fwd_bwd": 3 * N * V * elt},
     }

@@ -30,8 +30,6 @@ are recorded as skipped. The JSON is rewritten after every swept case and every 
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -43,7 +41,7 @@ import torch.nn.functional as F
 import typer
 
 from kernels import hsa_attention as hsa
-from kernels.benchutil import capture, host_work, rel_err, stubbed_launches, time_ms
+from kernels.benchutil import capture, host_work, record_header, rel_err, stubbed_launches, time_ms
 from kernels.hsa_attention import HsaConfig, Launch, hsa_attention_ref, hsa_attention_triton
 
 CASES = [(1024, 64, 16), (1024, 128, 16), (2048, 64, 8), (2048, 128, 8)]  # (T, stride l, batch B)
@@ -379,15 +377,8 @@ def main(
         return
     if not torch.cuda.is_available():
         raise typer.BadParameter("the HSA benchmark needs a CUDA device")
-    import triton
-
     t_start = time.time()
-    record: dict = {
-        "method": "mst (HSA attention) against causal flash SDPA",
-        "command": shlex.join(["python", "-m", "kernels.bench_hsa", *sys.argv[1:]]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+    record: dict = record_header("mst (HSA attention) against causal flash SDPA", "kernels.bench_hsa") | {
         "config": {"n_head": N_HEAD, "head_dim": HEAD_DIM, "dtype": "bfloat16", "iters": iters, "warmup": warmup,
                    "timing": "back to back, event pair per call"},  # fmt: skip
     }

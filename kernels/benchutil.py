@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import statistics
 import sys
 import time
@@ -68,6 +69,20 @@ def graph_ms(fn: Callable[[], object], reps: int = 50, rounds: int = 3) -> float
         end.synchronize()
         runs.append(start.elapsed_time(end) / reps)
     return min(runs)
+
+
+def record_header(method: str, module: str) -> dict[str, str]:
+    """The keys every results JSON of a kernel benchmark starts with: what it measures, the command that ran it
+    (`python -m <module>` with this process's arguments), the CUDA device, torch and triton versions."""
+    import triton
+
+    return {
+        "method": method,
+        "command": shlex.join(["python", "-m", module, *sys.argv[1:]]),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
