@@ -167,6 +167,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                   backend: str = "auto") -> torch.Tensor:  # fmt: skip
     """Mean cross-entropy over the counted targets through the fastest implementation that can run this call
     (backend 'auto'), or the one named."""
+    if backend == "ref":  # the trainer's default: nothing else to look at, in eager calls or while dynamo traces
+        return cross_entropy_ref(logits, targets, ignore_index)
     why_not = triton_unsupported(logits, targets)
     if backend == "triton" and why_not is not None:
         raise RuntimeError(f"loss kernel 'triton' cannot run this call: {why_not}; use 'ref' or 'auto'")
