@@ -29,6 +29,16 @@ def triton_available() -> bool:
     return True
 
 
+def jit(fn: Callable[..., Any]) -> Any:
+    """triton.jit(fn) where Triton is installed, else fn itself: a CPU-only install still imports a kernel module
+    for its reference path."""
+    try:
+        import triton
+    except ImportError:
+        return fn
+    return triton.jit(fn)
+
+
 @functools.cache
 def pdl_capable(device: torch.device) -> bool:
     """Whether Triton kernels on `device` can be launched programmatically dependent on the kernel before them

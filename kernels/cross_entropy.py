@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels import define_op, select, triton_available
+from kernels import define_op, jit, select, triton_available
 
 try:
     import triton
@@ -46,11 +46,7 @@ def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@jit
 def _ce_fwd_kernel(X, Tgt, Loss, LSE, stride_x, V, ignore_index, BLOCK: tl.constexpr):
     """One row: LSE = log2-sum-exp2 of x * log2(e), Loss = ln(sum exp(x)) - x[target] (0 where ignored)."""
     row = tl.program_id(0).to(tl.int64)
@@ -73,7 +69,7 @@ def _ce_fwd_kernel(X, Tgt, Loss, LSE, stride_x, V, ignore_index, BLOCK: tl.const
     tl.store(Loss + row, tl.where(counted, lse * _LN2 - tl.where(hit, x_t, 0.0), 0.0))
 
 
-@_jit
+@jit
 def _ce_bwd_kernel(X, Tgt, LSE, Scale, DX, stride_x, stride_dx, V, ignore_index, BLOCK: tl.constexpr):
     """One row: dX = (softmax(x) - onehot(target)) * Scale, 0 where the target is ignored."""
     row = tl.program_id(0).to(tl.int64)

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import define_op, launch_pdl, pdl_capable, select, triton_available
+from kernels import define_op, jit, launch_pdl, pdl_capable, select, triton_available
 
 try:
     import triton
@@ -124,11 +124,7 @@ def hsa_attention_ref(
 # layout is autograd's); LSE and Delta are (B*H, T).
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@jit
 def _strided_rows(T, L, NP: tl.constexpr, RS: tl.constexpr):
     """The program's tile: RS residue classes x NP periods, row i = residue + a*l, and which pairs are kept."""
     pp = tl.arange(0, RS * NP)
@@ -141,7 +137,7 @@ def _strided_rows(T, L, NP: tl.constexpr, RS: tl.constexpr):
     return i, ok, keep
 
 
-@_jit
+@jit
 def _strided_fwd_kernel(
     Q, K, V, Out, LSE, qk_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
@@ -173,7 +169,7 @@ def _strided_fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * T + i, tl.where(has, m + tl.log2(denom), float("-inf")), mask=ok)
 
 
-@_jit
+@jit
 def _band_fwd_kernel(
     Q, K, V, Out, LSE, qk_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot,
@@ -240,7 +236,7 @@ def _band_fwd_kernel(
     tl.store(LSE + rows, m + tl.log2(w), mask=row_ok)
 
 
-@_jit
+@jit
 def _strided_bwd_kernel(
     Q, K, V, Out, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
@@ -273,7 +269,7 @@ def _strided_bwd_kernel(
     tl.store(DQ + out_ptr, (tl.dot(ds, k) * sm_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
 
 
-@_jit
+@jit
 def _band_dq_tile(Q, K, V, q, do, lse, delta, idx, keys, qk_scale, stride_it, L, HEAD_DIM: tl.constexpr,
                   MASKED: tl.constexpr):  # fmt: skip
     """dQ (unscaled) of query rows idx from the band pairs with key rows keys; MASKED: keys may be < 0."""
@@ -294,7 +290,7 @@ def _band_dq_tile(Q, K, V, q, do, lse, delta, idx, keys, qk_scale, stride_it, L,
     return tl.dot(ds.to(kj.dtype), kj)
 
 
-@_jit
+@jit
 def _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, rows, qk_scale, stride_it, stride_gt, T, L,
                     HEAD_DIM: tl.constexpr):  # fmt: skip
     """dK, dV (dK unscaled) of key rows idx plus the band pairs with query rows `rows` (past T or the band: 0)."""
@@ -312,7 +308,7 @@ def _band_dkdv_tile(Q, DO, LSE, Delta, k, v, dk, dv, idx, rows, qk_scale, stride
     return dk, dv
 
 
-@_jit
+@jit
 def _band_bwd_kernel(
     Q, K, V, DO, DQ, DK, DV, LSE, Delta, qk_scale, sm_scale,
     stride_ib, stride_ih, stride_it, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
