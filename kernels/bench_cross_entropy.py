@@ -75,22 +75,26 @@ def _kernel_call(kernel: str, logits: torch.Tensor, targets: torch.Tensor):
     return lambda: ce._bwd_impl(logits, targets, lse, scale, -1)
 
 
+def _install(kernel: str, block: int, warps: int) -> None:
+    setattr(ce, f"{kernel.upper()}_BLOCK", block)
+    setattr(ce, f"{kernel.upper()}_WARPS", warps)
+
+
 def sweep(logits: torch.Tensor, targets: torch.Tensor, log) -> dict:
     """Each kernel at every SWEEP entry, the other at its current setting; installs the fastest of each."""
     found = {}
     for kernel in ("fwd", "bwd"):
         times = {}
         for block, warps in SWEEP:
-            setattr(ce, f"{kernel.upper()}_BLOCK", block)
-            setattr(ce, f"{kernel.upper()}_WARPS", warps)
-            ms = graph_ms(_kernel_call(kernel, logits, targets))
-            times[f"{block}x{warps}"] = ms
-            log(f"{kernel} block={block} warps={warps}: {ms:.4f} ms")
-        best = min(times, key=times.get)
-        block, warps = (int(n) for n in best.split("x"))
-        setattr(ce, f"{kernel.upper()}_BLOCK", block)
-        setattr(ce, f"{kernel.upper()}_WARPS", warps)
-        found[kernel] = {"ms": times, "best": {"block": block, "warps": warps}}
+            _install(kernel, block, warps)
+            times[block, warps] = graph_ms(_kernel_call(kernel, logits, targets))
+            log(f"{kernel} block={block} warps={warps}: {times[block, warps]:.4f} ms")
+        block, warps = min(times, key=times.get)
+        _install(kernel, block, warps)
+        found[kernel] = {
+            "ms": {f"{b}x{w}": ms for (b, w), ms in times.items()},
+            "best": {"block": block, "warps": warps},
+        }
     return found
 
 
